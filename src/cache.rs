@@ -1,0 +1,980 @@
+//! The cache: manifests (moka in memory, records on disk), tag→digest mappings with a TTL, and
+//! the blob fetcher that turns any number of concurrent misses into one upstream fetch.
+//!
+//! A blob fetch is a task of its own, owned by no client. It writes into a staging file while
+//! hashing and publishes how many bytes are written; every client (the first one included)
+//! streams from that file up to the published length. The last byte is held back until the
+//! digest is verified, so a corrupt fetch aborts every response rather than completing it.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use futures_util::stream::{self, StreamExt};
+use http::Method;
+use tokio::sync::watch;
+
+use crate::config::{CacheConfig, Capability};
+use crate::distribution::{
+    accepts, Digest, DigestVerifier, ErrorCode, ProtocolError, Reference, RepoName, DOCKER_MANIFEST_LIST,
+    MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, OCI_INDEX,
+};
+use crate::metrics::Metrics;
+use crate::registry::Route;
+use crate::storage::{ByteStream, Staged, Storage, READ_CHUNK};
+use crate::upstream::{error_chain, Answer, Exhausted, Pool, Reason, UpstreamRequest};
+
+/// Where an answer came from (a metrics label and an access-log field).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Local disk or memory, no upstream contacted.
+    Cache,
+    /// Local copy confirmed by a cheap upstream revalidation.
+    Revalidated,
+    /// Local copy served past its freshness because no upstream answered.
+    Stale,
+    /// Fetched from the named upstream (possibly joined in progress).
+    Upstream(String),
+}
+
+impl Source {
+    /// Bounded label for metrics: `cache` or `upstream`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Source::Upstream(_) => "upstream",
+            _ => "cache",
+        }
+    }
+}
+
+/// A manifest exactly as an upstream sent it.
+#[derive(Debug)]
+pub struct Manifest {
+    /// sha256 of `bytes`.
+    pub digest: Digest,
+    /// The upstream's `Content-Type`.
+    pub media_type: String,
+    /// The exact bytes.
+    pub bytes: Bytes,
+}
+
+impl Manifest {
+    /// On-disk record: the media type, a newline, the bytes (media types never hold a newline).
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.media_type.len() + 1 + self.bytes.len());
+        v.extend_from_slice(self.media_type.as_bytes());
+        v.push(b'\n');
+        v.extend_from_slice(&self.bytes);
+        v
+    }
+
+    fn decode(digest: &Digest, record: Vec<u8>) -> Option<Manifest> {
+        let nl = record.iter().position(|&b| b == b'\n')?;
+        let media_type = std::str::from_utf8(&record[..nl]).ok()?.to_owned();
+        let bytes = Bytes::from(record).slice(nl + 1..);
+        // A record that no longer matches its name is treated as absent (and refetched).
+        (Digest::of(&bytes) == *digest).then(|| Manifest { digest: digest.clone(), media_type, bytes })
+    }
+}
+
+/// A tag's last known meaning.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct TagEntry {
+    digest: String,
+    media_type: String,
+    /// Unix seconds of the last upstream confirmation.
+    validated_at: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct TagKey {
+    registry: String,
+    repo: RepoName,
+    tag: String,
+    /// Clients that accept an index get the index; others may get a platform manifest. The
+    /// two answers must not overwrite each other.
+    index: bool,
+}
+
+impl TagKey {
+    fn object_key(&self) -> String {
+        // `_tags` cannot be a repository component (components start with [a-z0-9]).
+        let suffix = if self.index { "" } else { ".single" };
+        format!("tags/{}/{}/_tags/{}{suffix}", self.registry, self.repo, self.tag)
+    }
+}
+
+/// Progress of one blob fetch, published to every reader.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    /// An upstream answered; `total` is known if it sent a length.
+    ready: bool,
+    total: Option<u64>,
+    /// Bytes written to the staging file (readable).
+    written: u64,
+    /// Set once: verified (`Ok`) or failed.
+    done: Option<Result<(), ProtocolError>>,
+    /// The upstream currently streaming.
+    upstream: String,
+}
+
+struct BlobFetch {
+    staged: Arc<Staged>,
+    progress: watch::Receiver<Progress>,
+}
+
+type SharedManifest = Shared<BoxFuture<'static, Result<(Arc<Manifest>, Source), ProtocolError>>>;
+
+/// A blob to send: its total size, the byte range chosen, and the body (absent for HEAD).
+pub struct BlobAnswer {
+    /// Full size of the blob, if known.
+    pub size: Option<u64>,
+    /// `(start, end_inclusive)` when answering a satisfiable `Range`.
+    pub range: Option<(u64, u64)>,
+    /// The bytes; `None` for HEAD.
+    pub body: Option<ByteStream>,
+    /// Where it came from.
+    pub source: Source,
+}
+
+/// A parsed single `Range: bytes=` request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `bytes=a-` or `bytes=a-b` (inclusive).
+    From(u64, Option<u64>),
+    /// `bytes=-n`: the last n bytes.
+    Suffix(u64),
+}
+
+impl ByteRange {
+    /// Parses one range; multi-range and malformed headers yield `None` (answered with the
+    /// whole blob, as RFC 9110 allows).
+    pub fn parse(h: &str) -> Option<ByteRange> {
+        let spec = h.trim().strip_prefix("bytes=")?;
+        if spec.contains(',') {
+            return None;
+        }
+        let (a, b) = spec.split_once('-')?;
+        let (a, b) = (a.trim(), b.trim());
+        if a.is_empty() {
+            return b.parse().ok().map(ByteRange::Suffix);
+        }
+        let start = a.parse().ok()?;
+        let end = if b.is_empty() { None } else { Some(b.parse().ok()?) };
+        if end.is_some_and(|e| e < start) {
+            return None;
+        }
+        Some(ByteRange::From(start, end))
+    }
+
+    /// The inclusive span within a blob of `size` bytes, or `None` if unsatisfiable.
+    pub fn resolve(self, size: u64) -> Option<(u64, u64)> {
+        match self {
+            _ if size == 0 => None,
+            ByteRange::From(s, _) if s >= size => None,
+            ByteRange::From(s, e) => Some((s, e.unwrap_or(size - 1).min(size - 1))),
+            ByteRange::Suffix(0) => None,
+            ByteRange::Suffix(n) => Some((size.saturating_sub(n), size - 1)),
+        }
+    }
+}
+
+fn unsatisfiable(size: u64) -> ProtocolError {
+    ProtocolError::new(ErrorCode::RangeInvalid, format!("range not satisfiable; the blob has {size} bytes"))
+        .with_detail(serde_json::json!({ "size": size }))
+}
+
+/// The cache over a set of registries' upstream pools.
+pub struct Cache {
+    storage: Arc<dyn Storage>,
+    pools: HashMap<String, Arc<Pool>>,
+    config: CacheConfig,
+    metrics: Arc<Metrics>,
+    manifests: moka::future::Cache<Digest, Arc<Manifest>>,
+    tags: moka::future::Cache<TagKey, TagEntry>,
+    manifest_fetches: Arc<Mutex<HashMap<String, SharedManifest>>>,
+    blob_fetches: Arc<Mutex<HashMap<Digest, Arc<BlobFetch>>>>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> ProtocolError {
+    tracing::error!(error = %e, "{what}");
+    ProtocolError::new(ErrorCode::Unavailable, format!("{what}: {e}"))
+}
+
+impl Cache {
+    /// A cache over `storage`, fetching through `pools` (one per configured registry).
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        pools: HashMap<String, Arc<Pool>>,
+        config: CacheConfig,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Cache> {
+        let manifests = moka::future::Cache::builder()
+            .max_capacity(config.memory.as_u64())
+            .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + 256).unwrap_or(u32::MAX))
+            .build();
+        let tags = moka::future::Cache::builder().max_capacity(1_000_000).build();
+        Arc::new(Cache {
+            storage,
+            pools,
+            config,
+            metrics,
+            manifests,
+            tags,
+            manifest_fetches: Default::default(),
+            blob_fetches: Default::default(),
+        })
+    }
+
+    fn pool(&self, registry: &str) -> Result<Arc<Pool>, ProtocolError> {
+        self.pools.get(registry).cloned().ok_or_else(|| {
+            ProtocolError::new(ErrorCode::NameUnknown, format!("registry {registry:?} is not configured"))
+        })
+    }
+
+    fn count(&self, kind: &str, result: &str) {
+        self.metrics.cache_requests.with_label_values(&[kind, result]).inc();
+    }
+
+    // ----- manifests -----
+
+    /// A manifest by tag or digest, from memory, disk or the upstreams.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        route: &Route,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<(Arc<Manifest>, Source), ProtocolError> {
+        match reference {
+            Reference::Digest(d) => self.manifest_by_digest(route, d, accept).await,
+            Reference::Tag(t) => self.manifest_by_tag(route, t, accept).await,
+        }
+    }
+
+    async fn local_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        if let Some(m) = self.manifests.get(digest).await {
+            return Some(m);
+        }
+        let record = match self.storage.get_object(&format!("manifests/sha256/{}", digest.hex())).await {
+            Ok(r) => r?,
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot read manifest record");
+                return None;
+            }
+        };
+        let m = Arc::new(Manifest::decode(digest, record)?);
+        self.manifests.insert(digest.clone(), m.clone()).await;
+        Some(m)
+    }
+
+    async fn store_manifest(&self, m: &Arc<Manifest>) {
+        self.manifests.insert(m.digest.clone(), m.clone()).await;
+        let key = format!("manifests/sha256/{}", m.digest.hex());
+        if let Err(e) = self.storage.put_object(&key, m.encode()).await {
+            self.metrics.cache_write_errors.inc();
+            tracing::warn!(digest = %m.digest, error = %e, "manifest served but not persisted");
+        }
+    }
+
+    async fn manifest_by_digest(
+        self: &Arc<Self>,
+        route: &Route,
+        digest: &Digest,
+        accept: &[String],
+    ) -> Result<(Arc<Manifest>, Source), ProtocolError> {
+        if let Some(m) = self.local_manifest(digest).await {
+            self.count("manifest", "hit");
+            return Ok((m, Source::Cache));
+        }
+        let this = self.clone();
+        let (route, digest_owned, accept) = (route.clone(), digest.clone(), accept.to_vec());
+        let key = format!("{}\n{digest}", route.registry);
+        self.coalesce_manifest(key, async move {
+            let (m, up) = this
+                .fetch_manifest(&route, &Reference::Digest(digest_owned.clone()), &accept, Capability::Pull)
+                .await?;
+            this.store_manifest(&m).await;
+            Ok((m, Source::Upstream(up)))
+        })
+        .await
+    }
+
+    /// Runs `work` once per key at a time; concurrent callers share its result. The work is a
+    /// task of its own, so a caller that goes away does not cancel it for the others.
+    async fn coalesce_manifest(
+        &self,
+        key: String,
+        work: impl std::future::Future<Output = Result<(Arc<Manifest>, Source), ProtocolError>> + Send + 'static,
+    ) -> Result<(Arc<Manifest>, Source), ProtocolError> {
+        let (shared, joined) = {
+            let mut map = self.manifest_fetches.lock().map_err(|e| internal("lock poisoned", e))?;
+            match map.get(&key) {
+                Some(s) => (s.clone(), true),
+                None => {
+                    let map_ref = self.manifest_fetches.clone();
+                    let key2 = key.clone();
+                    let handle = tokio::spawn(async move {
+                        let r = work.await;
+                        if let Ok(mut m) = map_ref.lock() {
+                            m.remove(&key2);
+                        }
+                        r
+                    });
+                    let shared = async move { handle.await.map_err(|e| internal("manifest fetch task failed", e))? }
+                        .boxed()
+                        .shared();
+                    map.insert(key, shared.clone());
+                    (shared, false)
+                }
+            }
+        };
+        let (m, source) = shared.await?;
+        if joined {
+            self.count("manifest", "coalesced");
+        }
+        Ok((m, source))
+    }
+
+    /// GETs a manifest from the upstreams allowed `cap`, reading at most 4 MiB and, by digest,
+    /// verifying the bytes; a wrong answer moves on to the next upstream.
+    async fn fetch_manifest(
+        &self,
+        route: &Route,
+        reference: &Reference,
+        accept: &[String],
+        cap: Capability,
+    ) -> Result<(Arc<Manifest>, String), ProtocolError> {
+        let pool = self.pool(&route.registry)?;
+        let accept = if accept.is_empty() {
+            MANIFEST_MEDIA_TYPES.iter().map(|s| s.to_string()).collect()
+        } else {
+            accept.to_vec()
+        };
+        let mut req = UpstreamRequest {
+            method: Method::GET,
+            repo: &route.repo,
+            path: format!("manifests/{reference}"),
+            accept,
+            range_from: None,
+            capability: cap,
+            skip: vec![],
+        };
+        let mut tried = Exhausted::default();
+        let what = format!("manifest {}:{reference}", route.repo);
+        for _ in 0..pool_attempts(&pool) {
+            let answer = match pool.send(&req).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tried.tried.extend(e.tried);
+                    break;
+                }
+            };
+            let up = answer.upstream.clone();
+            match read_manifest(answer, reference).await {
+                Ok(m) => {
+                    self.count("manifest", "miss");
+                    return Ok((Arc::new(m), up.name().to_owned()));
+                }
+                Err(reason) => {
+                    if reason == Reason::DigestMismatch {
+                        self.metrics.digest_mismatches.inc();
+                    }
+                    up.report_failure(&reason);
+                    tracing::warn!(upstream = up.name(), %reason, %what, "bad manifest answer; trying the next upstream");
+                    req.skip.push(up.name().to_owned());
+                    tried.tried.push((up.name().to_owned(), reason));
+                }
+            }
+        }
+        Err(tried.into_error(ErrorCode::ManifestUnknown, &what))
+    }
+
+    async fn manifest_by_tag(
+        self: &Arc<Self>,
+        route: &Route,
+        tag: &str,
+        accept: &[String],
+    ) -> Result<(Arc<Manifest>, Source), ProtocolError> {
+        let key = TagKey {
+            registry: route.registry.clone(),
+            repo: route.repo.clone(),
+            tag: tag.to_owned(),
+            index: accepts(accept, OCI_INDEX) || accepts(accept, DOCKER_MANIFEST_LIST),
+        };
+        let entry = self.tag_entry(&key).await;
+        if let Some(e) = &entry {
+            let fresh = now_secs().saturating_sub(e.validated_at) < self.config.tag_ttl.as_secs();
+            if fresh && accepts(accept, &e.media_type) {
+                if let Some(m) = self.local_by_str(&e.digest).await {
+                    self.count("manifest", "hit");
+                    return Ok((m, Source::Cache));
+                }
+            }
+        }
+        let this = self.clone();
+        let (route, accept) = (route.clone(), accept.to_vec());
+        let coalesce_key = format!("{}\n{}\n{}\n{}", key.registry, key.repo, key.tag, key.index);
+        self.coalesce_manifest(coalesce_key, async move { this.resolve_tag(&route, key, entry, &accept).await }).await
+    }
+
+    async fn local_by_str(&self, digest: &str) -> Option<Arc<Manifest>> {
+        let d = Digest::parse(digest).ok()?;
+        self.local_manifest(&d).await
+    }
+
+    async fn tag_entry(&self, key: &TagKey) -> Option<TagEntry> {
+        if let Some(e) = self.tags.get(key).await {
+            return Some(e);
+        }
+        let raw = self.storage.get_object(&key.object_key()).await.ok()??;
+        let e: TagEntry = serde_json::from_slice(&raw).ok()?;
+        self.tags.insert(key.clone(), e.clone()).await;
+        Some(e)
+    }
+
+    async fn save_tag(&self, key: &TagKey, m: &Manifest) {
+        let e = TagEntry { digest: m.digest.to_string(), media_type: m.media_type.clone(), validated_at: now_secs() };
+        self.tags.insert(key.clone(), e.clone()).await;
+        let bytes = serde_json::to_vec(&e).unwrap_or_default();
+        if let Err(err) = self.storage.put_object(&key.object_key(), bytes).await {
+            self.metrics.cache_write_errors.inc();
+            tracing::warn!(error = %err, "tag mapping not persisted");
+        }
+    }
+
+    /// Revalidates a known tag with a HEAD (no body moves when the digest is unchanged), or
+    /// fetches it; with every upstream down, serves the last known answer as stale.
+    async fn resolve_tag(
+        &self,
+        route: &Route,
+        key: TagKey,
+        entry: Option<TagEntry>,
+        accept: &[String],
+    ) -> Result<(Arc<Manifest>, Source), ProtocolError> {
+        let local = match &entry {
+            Some(e) => self.local_by_str(&e.digest).await,
+            None => None,
+        };
+        if let Some(m) = &local {
+            match self.head_tag(route, &key.tag, accept).await {
+                Ok(Some(d)) if d == m.digest => {
+                    self.save_tag(&key, m).await;
+                    self.count("manifest", "hit");
+                    return Ok((m.clone(), Source::Revalidated));
+                }
+                Ok(_) => {}
+                Err(e) if e.code == ErrorCode::Unavailable => return self.serve_stale(&key, m, e),
+                Err(e) => return Err(e),
+            }
+        }
+        let reference = Reference::Tag(key.tag.clone());
+        match self.fetch_manifest(route, &reference, accept, Capability::Resolve).await {
+            Ok((m, up)) => {
+                self.store_manifest(&m).await;
+                self.save_tag(&key, &m).await;
+                Ok((m, Source::Upstream(up)))
+            }
+            Err(e) if e.code == ErrorCode::Unavailable => match &local {
+                Some(m) => self.serve_stale(&key, m, e),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    fn serve_stale(
+        &self,
+        key: &TagKey,
+        m: &Arc<Manifest>,
+        why: ProtocolError,
+    ) -> Result<(Arc<Manifest>, Source), ProtocolError> {
+        // Stale-if-error: a gateway that lost its upstreams keeps serving what it knows.
+        tracing::warn!(repo = %key.repo, tag = %key.tag, digest = %m.digest, error = %why.message, "serving stale tag");
+        self.count("manifest", "stale");
+        Ok((m.clone(), Source::Stale))
+    }
+
+    /// The tag's current digest according to the resolve-capable upstreams (`None` if the
+    /// upstream answered without a digest header).
+    async fn head_tag(&self, route: &Route, tag: &str, accept: &[String]) -> Result<Option<Digest>, ProtocolError> {
+        let pool = self.pool(&route.registry)?;
+        let accept = if accept.is_empty() {
+            MANIFEST_MEDIA_TYPES.iter().map(|s| s.to_string()).collect()
+        } else {
+            accept.to_vec()
+        };
+        let req = UpstreamRequest {
+            method: Method::HEAD,
+            repo: &route.repo,
+            path: format!("manifests/{tag}"),
+            accept,
+            range_from: None,
+            capability: Capability::Resolve,
+            skip: vec![],
+        };
+        let answer = pool
+            .send(&req)
+            .await
+            .map_err(|e| e.into_error(ErrorCode::ManifestUnknown, &format!("manifest {}:{tag}", route.repo)))?;
+        Ok(answer
+            .response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok()))
+    }
+
+    // ----- blobs -----
+
+    /// A blob (or its headers, for HEAD), from disk, an in-progress fetch, or a new fetch.
+    pub async fn blob(
+        self: &Arc<Self>,
+        route: &Route,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        head: bool,
+    ) -> Result<BlobAnswer, ProtocolError> {
+        let stored = self.storage.blob_size(digest).await.map_err(|e| internal("cannot stat blob", e))?;
+        if let Some(size) = stored {
+            self.count("blob", "hit");
+            let span = match range {
+                Some(r) => Some(r.resolve(size).ok_or_else(|| unsatisfiable(size))?),
+                None => None,
+            };
+            let body = if head {
+                None
+            } else {
+                let (start, end) = span.map(|(s, e)| (s, e + 1)).unwrap_or((0, size));
+                match self.storage.read_blob(digest, start, end).await {
+                    Ok(Some(s)) => Some(s),
+                    // Evicted between stat and open: fetch it again.
+                    Ok(None) => return Box::pin(self.fetch_blob(route, digest, range)).await,
+                    Err(e) => return Err(internal("cannot read blob", e)),
+                }
+            };
+            return Ok(BlobAnswer { size: Some(size), range: span, body, source: Source::Cache });
+        }
+        if head {
+            return self.head_blob(route, digest).await;
+        }
+        self.fetch_blob(route, digest, range).await
+    }
+
+    async fn head_blob(&self, route: &Route, digest: &Digest) -> Result<BlobAnswer, ProtocolError> {
+        let pool = self.pool(&route.registry)?;
+        let req = UpstreamRequest {
+            method: Method::HEAD,
+            repo: &route.repo,
+            path: format!("blobs/{digest}"),
+            accept: vec![],
+            range_from: None,
+            capability: Capability::Pull,
+            skip: vec![],
+        };
+        let answer =
+            pool.send(&req).await.map_err(|e| e.into_error(ErrorCode::BlobUnknown, &format!("blob {digest}")))?;
+        Ok(BlobAnswer {
+            size: answer.response.content_length(),
+            range: None,
+            body: None,
+            source: Source::Upstream(answer.upstream.name().to_owned()),
+        })
+    }
+
+    async fn fetch_blob(
+        self: &Arc<Self>,
+        route: &Route,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<BlobAnswer, ProtocolError> {
+        let (fetch, joined) = self.join_or_start(route, digest).await?;
+        self.count("blob", if joined { "coalesced" } else { "miss" });
+        let mut rx = fetch.progress.clone();
+        let progress = rx
+            .wait_for(|p| p.ready || p.done.is_some())
+            .await
+            .map_err(|_| internal("blob fetch ended unexpectedly", digest))?
+            .clone();
+        if let Some(Err(e)) = progress.done {
+            return Err(e);
+        }
+        if progress.done.is_some() && progress.written == 0 && !progress.ready {
+            return Err(internal("blob fetch ended without data", digest));
+        }
+        let size = progress.total;
+        let span = match (range, size) {
+            (Some(r), Some(size)) => Some(r.resolve(size).ok_or_else(|| unsatisfiable(size))?),
+            _ => None,
+        };
+        let (start, end) = match span {
+            Some((s, e)) => (s, Some(e + 1)),
+            None => (0, None),
+        };
+        Ok(BlobAnswer {
+            size,
+            range: span,
+            body: Some(tail_stream(fetch, start, end)),
+            source: Source::Upstream(progress.upstream),
+        })
+    }
+
+    async fn join_or_start(
+        self: &Arc<Self>,
+        route: &Route,
+        digest: &Digest,
+    ) -> Result<(Arc<BlobFetch>, bool), ProtocolError> {
+        if let Some(f) = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?.get(digest) {
+            return Ok((f.clone(), true));
+        }
+        let pool = self.pool(&route.registry)?;
+        let staged = Arc::new(self.storage.stage().await.map_err(|e| internal("cannot create staging file", e))?);
+        let mut map = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?;
+        if let Some(f) = map.get(digest) {
+            // Someone started it while we were creating our staging file (ours is dropped).
+            return Ok((f.clone(), true));
+        }
+        let (tx, rx) = watch::channel(Progress::default());
+        let fetch = Arc::new(BlobFetch { staged: staged.clone(), progress: rx });
+        map.insert(digest.clone(), fetch.clone());
+        drop(map);
+        let this = self.clone();
+        let (repo, digest) = (route.repo.clone(), digest.clone());
+        tokio::spawn(async move {
+            this.metrics.inflight_fetches.inc();
+            let result = this.run_fetch(&pool, &repo, &digest, &staged, &tx).await;
+            let result = match result {
+                Ok(()) => match this.storage.commit(staged, &digest).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        // Readers hold the open file, so their responses still complete.
+                        this.metrics.cache_write_errors.inc();
+                        tracing::warn!(%digest, error = %e, "blob served but not cached");
+                        Ok(())
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            if let Err(e) = &result {
+                tracing::warn!(%digest, error = %e.message, "blob fetch failed");
+            }
+            tx.send_modify(|p| p.done = Some(result));
+            if let Ok(mut map) = this.blob_fetches.lock() {
+                map.remove(&digest);
+            }
+            this.metrics.inflight_fetches.dec();
+        });
+        Ok((fetch, false))
+    }
+
+    /// Streams the blob into the staging file from the first upstream that can, resuming with
+    /// `Range` (or re-reading and discarding) when a stream breaks, then verifies the digest.
+    async fn run_fetch(
+        &self,
+        pool: &Pool,
+        repo: &RepoName,
+        digest: &Digest,
+        staged: &Arc<Staged>,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<(), ProtocolError> {
+        let what = format!("blob {digest}");
+        let mut hasher = DigestVerifier::new();
+        let mut written: u64 = 0;
+        let mut total: Option<u64> = None;
+        let mut tried = Exhausted::default();
+        let mut req = UpstreamRequest {
+            method: Method::GET,
+            repo,
+            path: format!("blobs/{digest}"),
+            accept: vec![],
+            range_from: None,
+            capability: Capability::Pull,
+            skip: vec![],
+        };
+        let mut last_upstream = None;
+        for _ in 0..pool_attempts(pool) {
+            req.range_from = (written > 0).then_some(written);
+            let Answer { upstream, response } = match pool.send(&req).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tried.tried.extend(e.tried);
+                    break;
+                }
+            };
+            let name = upstream.name().to_owned();
+            let (body_start, body_total) = match body_span(&response) {
+                Some(span) => span,
+                None => {
+                    let reason = Reason::Body("unusable Content-Range".into());
+                    upstream.report_failure(&reason);
+                    req.skip.push(name.clone());
+                    tried.tried.push((name, reason));
+                    continue;
+                }
+            };
+            if body_start > written || (total.is_some() && body_total.is_some() && total != body_total) {
+                let reason = Reason::Body("answer does not continue the bytes already received".into());
+                upstream.report_failure(&reason);
+                req.skip.push(name.clone());
+                tried.tried.push((name, reason));
+                continue;
+            }
+            total = total.or(body_total);
+            tx.send_modify(|p| {
+                p.ready = true;
+                p.total = total;
+                p.upstream = name.clone();
+            });
+            let mut discard = written - body_start;
+            let mut body = response.bytes_stream();
+            let outcome: Result<(), Reason> = loop {
+                let mut batch: Vec<Bytes> = Vec::new();
+                let mut batch_len = 0usize;
+                let mut ended = false;
+                let mut broke = None;
+                match body.next().await {
+                    None => ended = true,
+                    Some(Err(e)) => broke = Some(Reason::Body(error_chain(&e))),
+                    Some(Ok(b)) => {
+                        batch_len += b.len();
+                        batch.push(b);
+                    }
+                }
+                // Take whatever else has already arrived, so the disk sees few large writes.
+                while !ended && broke.is_none() && batch_len < 4 * READ_CHUNK {
+                    match body.next().now_or_never() {
+                        Some(Some(Ok(b))) => {
+                            batch_len += b.len();
+                            batch.push(b);
+                        }
+                        Some(Some(Err(e))) => broke = Some(Reason::Body(error_chain(&e))),
+                        Some(None) => ended = true,
+                        None => break,
+                    }
+                }
+                self.metrics.upstream_bytes.with_label_values(&[&name]).inc_by(batch_len as u64);
+                // Bytes the client already has (a resumed answer that restarted from zero).
+                while discard > 0 && !batch.is_empty() {
+                    let first = &mut batch[0];
+                    if (first.len() as u64) <= discard {
+                        discard -= first.len() as u64;
+                        batch.remove(0);
+                    } else {
+                        *first = first.slice(discard as usize..);
+                        discard = 0;
+                    }
+                }
+                let len: u64 = batch.iter().map(|b| b.len() as u64).sum();
+                if total.is_some_and(|t| written + len > t) {
+                    break Err(Reason::Body("more bytes than announced".into()));
+                }
+                if len > 0 {
+                    let s = staged.clone();
+                    let at = written;
+                    let mut h = std::mem::take(&mut hasher);
+                    // Hash and write on the blocking pool: the bytes move there, no copy.
+                    let (h, res) = tokio::task::spawn_blocking(move || {
+                        for b in &batch {
+                            h.update(b);
+                        }
+                        let res = s.write_all_at(&batch, at);
+                        (h, res)
+                    })
+                    .await
+                    .map_err(|e| internal("hash task failed", e))?;
+                    hasher = h;
+                    res.map_err(|e| internal("cannot write staging file", e))?;
+                    written += len;
+                    tx.send_modify(|p| p.written = written);
+                }
+                if let Some(reason) = broke {
+                    break Err(reason);
+                }
+                if ended {
+                    break match total {
+                        Some(t) if written < t => Err(Reason::Body(format!("closed after {written} of {t} bytes"))),
+                        _ => Ok(()),
+                    };
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    last_upstream = Some(upstream);
+                    break;
+                }
+                Err(reason) => {
+                    tracing::warn!(upstream = %name, %reason, written, "blob stream broke; resuming");
+                    upstream.report_failure(&reason);
+                    self.metrics.upstream_failovers.with_label_values(&[pool.registry(), &name, reason.label()]).inc();
+                    req.skip.push(name.clone());
+                    tried.tried.push((name, reason));
+                }
+            }
+        }
+        let Some(upstream) = last_upstream else {
+            return Err(tried.into_error(ErrorCode::BlobUnknown, &what));
+        };
+        let got = hasher.finish();
+        if got != *digest {
+            self.metrics.digest_mismatches.inc();
+            upstream.report_failure(&Reason::DigestMismatch);
+            tracing::error!(upstream = upstream.name(), expected = %digest, %got, "blob digest mismatch; discarded");
+            return Err(ProtocolError::new(
+                ErrorCode::DigestInvalid,
+                format!("upstream {} sent bytes that do not match {digest}", upstream.name()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Attempts one piece of work may make: each upstream twice (a resume may return to the
+/// same one), plus one; bounded whatever the upstreams do.
+fn pool_attempts(pool: &Pool) -> usize {
+    2 * pool.len() + 1
+}
+
+/// Where an upstream's body starts and the blob's full size, from a 200 or a 206.
+fn body_span(resp: &reqwest::Response) -> Option<(u64, Option<u64>)> {
+    if resp.status() != http::StatusCode::PARTIAL_CONTENT {
+        return Some((0, resp.content_length()));
+    }
+    let cr = resp.headers().get(http::header::CONTENT_RANGE)?.to_str().ok()?;
+    let spec = cr.trim().strip_prefix("bytes ")?;
+    let (span, total) = spec.split_once('/')?;
+    let (start, _) = span.split_once('-')?;
+    Some((start.parse().ok()?, total.parse().ok()))
+}
+
+/// Reads a manifest body (bounded) and checks it against the digest it was asked by.
+async fn read_manifest(answer: Answer, reference: &Reference) -> Result<Manifest, Reason> {
+    let resp = answer.response;
+    if resp.content_length().is_some_and(|l| l > MAX_MANIFEST_BYTES as u64) {
+        return Err(Reason::Body(format!("manifest larger than {MAX_MANIFEST_BYTES} bytes")));
+    }
+    let header_type = resp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let mut buf = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| Reason::Body(error_chain(&e)))?;
+        if buf.len() + chunk.len() > MAX_MANIFEST_BYTES {
+            return Err(Reason::Body(format!("manifest larger than {MAX_MANIFEST_BYTES} bytes")));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    let bytes = Bytes::from(buf);
+    let digest = Digest::of(&bytes);
+    if let Reference::Digest(want) = reference {
+        if *want != digest {
+            return Err(Reason::DigestMismatch);
+        }
+    }
+    let media_type = header_type
+        .filter(|t| !t.is_empty() && !t.contains('\n'))
+        .or_else(|| sniff_media_type(&bytes))
+        .unwrap_or_else(|| "application/json".to_owned());
+    Ok(Manifest { digest, media_type, bytes })
+}
+
+fn sniff_media_type(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(bytes).ok()?.media_type
+}
+
+/// Streams `start..end` of an in-progress (or finished) fetch as the bytes become available.
+/// The final byte waits for the digest verdict; a failed fetch ends the stream with an error,
+/// which aborts the client's response instead of completing it.
+fn tail_stream(fetch: Arc<BlobFetch>, start: u64, end: Option<u64>) -> ByteStream {
+    let rx = fetch.progress.clone();
+    stream::try_unfold((fetch, rx, start), move |(fetch, mut rx, pos)| async move {
+        loop {
+            let (written, done) = {
+                let p = rx.borrow_and_update();
+                (p.written, p.done.clone())
+            };
+            let verified = match done {
+                Some(Err(e)) => return Err(io::Error::other(e.message)),
+                Some(Ok(())) => true,
+                None => false,
+            };
+            let readable = if verified { written } else { written.saturating_sub(1) };
+            let limit = end.map_or(readable, |e| e.min(readable));
+            if pos < limit {
+                let len = (limit - pos).min(READ_CHUNK as u64) as usize;
+                let staged = fetch.staged.clone();
+                let chunk =
+                    tokio::task::spawn_blocking(move || staged.read_at(pos, len)).await.map_err(io::Error::other)??;
+                if chunk.is_empty() {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "staging file shorter than published"));
+                }
+                let next = pos + chunk.len() as u64;
+                return Ok(Some((chunk, (fetch, rx, next))));
+            }
+            if verified && end.is_none_or(|e| pos >= e) {
+                return Ok(None);
+            }
+            if rx.changed().await.is_err() {
+                return Err(io::Error::other("blob fetch ended without a verdict"));
+            }
+        }
+    })
+    .boxed()
+}
+
+/// Parses the `Accept` header values of a request into a list.
+pub fn accept_list(headers: &http::HeaderMap) -> Vec<String> {
+    headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(ByteRange::parse("bytes=0-99"), Some(ByteRange::From(0, Some(99))));
+        assert_eq!(ByteRange::parse("bytes=100-"), Some(ByteRange::From(100, None)));
+        assert_eq!(ByteRange::parse("bytes=-5"), Some(ByteRange::Suffix(5)));
+        assert_eq!(ByteRange::parse("bytes=5-1"), None);
+        assert_eq!(ByteRange::parse("bytes=0-1,3-4"), None);
+        assert_eq!(ByteRange::parse("items=0-1"), None);
+        assert_eq!(ByteRange::From(0, Some(99)).resolve(50), Some((0, 49)));
+        assert_eq!(ByteRange::From(50, None).resolve(50), None);
+        assert_eq!(ByteRange::Suffix(10).resolve(5), Some((0, 4)));
+        assert_eq!(ByteRange::Suffix(0).resolve(5), None);
+    }
+
+    #[test]
+    fn manifest_records_round_trip() {
+        let bytes = Bytes::from_static(b"{\"schemaVersion\":2}");
+        let m = Manifest {
+            digest: Digest::of(&bytes),
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes,
+        };
+        let back = Manifest::decode(&m.digest, m.encode()).unwrap();
+        assert_eq!(back.bytes, m.bytes);
+        assert_eq!(back.media_type, m.media_type);
+        let mut corrupt = m.encode();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 1;
+        assert!(Manifest::decode(&m.digest, corrupt).is_none());
+    }
+}

@@ -1,0 +1,530 @@
+//! The HTTP side: the listener, routing of `/v2/...` to handlers, the spec's error responses,
+//! the access log, and graceful shutdown.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::cache::{accept_list, BlobAnswer, ByteRange, Cache, Source};
+use crate::config::Config;
+use crate::distribution::{Digest, ErrorCode, ProtocolError, Reference};
+use crate::metrics::Metrics;
+use crate::registry::Router;
+use crate::storage::{FsStorage, Storage};
+use crate::upstream::Pool;
+
+/// Response body type: streamed, boxed, errors abort the connection.
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// How long in-flight responses may take to finish after SIGTERM/SIGINT.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Everything a request handler needs.
+pub struct App {
+    router: Router,
+    cache: Arc<Cache>,
+    metrics: Arc<Metrics>,
+    storage_root: std::path::PathBuf,
+}
+
+/// A start-up failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Storage could not be opened.
+    #[error("storage.root {path}: {err}")]
+    Storage {
+        /// The configured root.
+        path: String,
+        /// Cause.
+        err: io::Error,
+    },
+    /// An upstream could not be set up.
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::BuildError),
+    /// Metrics registration failed.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The listener could not bind.
+    #[error("listen {addr}: {err}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        err: io::Error,
+    },
+    /// Configuration problem.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+impl App {
+    /// Builds the application from a validated config: opens storage, builds upstream clients.
+    /// No upstream is contacted: Ferry starts and serves its cache with every upstream down.
+    pub fn new(config: &Config) -> Result<Arc<App>, StartError> {
+        let metrics = Arc::new(Metrics::new()?);
+        let storage: Arc<dyn Storage> = Arc::new(
+            FsStorage::open(&config.storage.root)
+                .map_err(|err| StartError::Storage { path: config.storage.root.display().to_string(), err })?,
+        );
+        let mut pools = HashMap::new();
+        for (name, reg) in &config.registries {
+            pools.insert(name.clone(), Arc::new(Pool::new(name, reg, metrics.clone())?));
+        }
+        let cache = Cache::new(storage, pools, config.cache.clone(), metrics.clone());
+        Ok(Arc::new(App {
+            router: Router::new(config.registries.keys().cloned(), &config.default_registry),
+            cache,
+            metrics,
+            storage_root: config.storage.root.clone(),
+        }))
+    }
+
+    /// Answers one request. Never fails: errors become the spec's JSON.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let req_is_head = method == Method::HEAD;
+        let path = req.uri().path().to_owned();
+        let (route, result) = self.dispatch(&req).await;
+        let (mut resp, source) = match result {
+            Ok(ok) => ok,
+            Err(e) => (error_response(&e, method == Method::HEAD), None),
+        };
+        resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+        let status = resp.status();
+        let (parts, body) = resp.into_parts();
+        // hyper stops polling once Content-Length bytes are out, so "all announced bytes sent"
+        // is what complete means; HEAD answers announce a length but send nothing.
+        let expected = match req_is_head {
+            true => Some(0),
+            false => parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok()),
+        };
+        let tracked = Tracked {
+            inner: body,
+            bytes: 0,
+            expected,
+            finished: false,
+            log: AccessLog { metrics: self.metrics.clone(), method, path, status, route, source, client, started },
+        };
+        Response::from_parts(parts, tracked.boxed_unsync())
+    }
+
+    async fn dispatch(
+        &self,
+        req: &Request<Incoming>,
+    ) -> (&'static str, Result<(Response<Body>, Option<Source>), ProtocolError>) {
+        let path = req.uri().path();
+        let method = req.method();
+        let read_only = method == Method::GET || method == Method::HEAD;
+        match path {
+            "/v2" | "/v2/" if read_only => {
+                return ("other", Ok((json_response(StatusCode::OK, "{}", method == Method::HEAD), None)));
+            }
+            "/healthz" => return ("other", Ok((text_response(StatusCode::OK, "ok\n"), None))),
+            "/readyz" => return ("other", Ok((self.readiness().await, None))),
+            "/metrics" => {
+                let mut r = text_response(StatusCode::OK, self.metrics.render());
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+                return ("other", Ok((r, None)));
+            }
+            _ => {}
+        }
+        let Some(api) = path.strip_prefix("/v2/").and_then(split_api) else {
+            return ("other", Err(ProtocolError::new(ErrorCode::NameUnknown, format!("no such endpoint: {path}"))));
+        };
+        let ns = query_param(req.uri().query(), "ns");
+        let route_label = api.endpoint.label();
+        let result = async {
+            let route = self.router.route(api.name, ns.as_deref())?;
+            if !read_only {
+                return Err(ProtocolError::new(
+                    ErrorCode::Unsupported,
+                    format!(
+                        "{} is a read-only mirror of {}: pushes and deletes are not accepted here",
+                        api.name, route.registry
+                    ),
+                ));
+            }
+            let head = method == Method::HEAD;
+            match api.endpoint {
+                Endpoint::Manifest(r) => {
+                    let reference = Reference::parse(r)?;
+                    let accept = accept_list(req.headers());
+                    let (m, source) = self.cache.manifest(&route, &reference, &accept).await?;
+                    let resp = Response::builder()
+                        .status(StatusCode::OK)
+                        .header(header::CONTENT_TYPE, m.media_type.as_str())
+                        .header("docker-content-digest", m.digest.to_string())
+                        .header(header::ETAG, format!("\"{}\"", m.digest))
+                        .header(header::CONTENT_LENGTH, m.bytes.len());
+                    let body = if head { empty() } else { full(m.bytes.clone()) };
+                    let resp =
+                        resp.body(body).map_err(|e| ProtocolError::new(ErrorCode::ManifestInvalid, e.to_string()))?;
+                    Ok((resp, Some(source)))
+                }
+                Endpoint::Blob(d) => {
+                    let digest = Digest::parse(d)?;
+                    let range =
+                        req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(ByteRange::parse);
+                    let answer = self.cache.blob(&route, &digest, range, head).await?;
+                    let source = answer.source.clone();
+                    Ok((blob_response(&digest, answer)?, Some(source)))
+                }
+                Endpoint::Uploads => Err(ProtocolError::new(
+                    ErrorCode::Unsupported,
+                    format!("{} is a read-only mirror of {}: pushes are not accepted here", api.name, route.registry),
+                )),
+                Endpoint::Tags | Endpoint::Referrers(_) => Err(ProtocolError::new(
+                    ErrorCode::Unsupported,
+                    "tag listing and referrers are not proxied by this mirror",
+                )),
+            }
+        }
+        .await;
+        (route_label, result)
+    }
+
+    async fn readiness(&self) -> Response<Body> {
+        let probe = self.storage_root.join("tmp").join(format!(".readyz-{}", std::process::id()));
+        let ok = tokio::fs::write(&probe, b"ok").await.is_ok();
+        let _ = tokio::fs::remove_file(&probe).await;
+        if ok {
+            text_response(StatusCode::OK, "ready\n")
+        } else {
+            text_response(StatusCode::SERVICE_UNAVAILABLE, "storage is not writable\n")
+        }
+    }
+}
+
+/// The API endpoint a `/v2/<name>/...` path names.
+#[derive(Debug, PartialEq, Eq)]
+enum Endpoint<'a> {
+    Manifest(&'a str),
+    Blob(&'a str),
+    Uploads,
+    Tags,
+    Referrers(&'a str),
+}
+
+impl Endpoint<'_> {
+    fn label(&self) -> &'static str {
+        match self {
+            Endpoint::Manifest(_) => "manifest",
+            Endpoint::Blob(_) => "blob",
+            Endpoint::Uploads => "upload",
+            Endpoint::Tags => "tags",
+            Endpoint::Referrers(_) => "other",
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Api<'a> {
+    name: &'a str,
+    endpoint: Endpoint<'a>,
+}
+
+/// Splits `<name>/<endpoint>` at the LAST endpoint marker: names may contain `manifests` or
+/// `blobs` as components, references never contain `/`.
+fn split_api(rest: &str) -> Option<Api<'_>> {
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Some(Api { name, endpoint: Endpoint::Tags });
+    }
+    if let Some(i) = rest.find("/blobs/uploads") {
+        let tail = &rest[i + "/blobs/uploads".len()..];
+        if tail.is_empty() || tail.starts_with('/') {
+            return Some(Api { name: &rest[..i], endpoint: Endpoint::Uploads });
+        }
+    }
+    let (i, marker) = ["/manifests/", "/blobs/", "/referrers/"]
+        .into_iter()
+        .filter_map(|m| rest.rfind(m).map(|i| (i, m)))
+        .max_by_key(|(i, _)| *i)?;
+    let reference = &rest[i + marker.len()..];
+    if reference.is_empty() || reference.contains('/') {
+        return None;
+    }
+    let endpoint = match marker {
+        "/manifests/" => Endpoint::Manifest(reference),
+        "/blobs/" => Endpoint::Blob(reference),
+        _ => Endpoint::Referrers(reference),
+    };
+    Some(Api { name: &rest[..i], endpoint })
+}
+
+fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == key).map(|(_, v)| v.into_owned())
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn text_response(status: StatusCode, text: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(full(text));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn json_response(status: StatusCode, json: &'static str, head: bool) -> Response<Body> {
+    let mut r = Response::new(if head { empty() } else { full(json) });
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(json.len()));
+    r
+}
+
+fn error_response(e: &ProtocolError, head: bool) -> Response<Body> {
+    let body = e.body();
+    let len = body.len();
+    let mut r = Response::new(if head { empty() } else { full(body) });
+    *r.status_mut() = e.code.status();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    r
+}
+
+fn blob_response(digest: &Digest, a: BlobAnswer) -> Result<Response<Body>, ProtocolError> {
+    let mut b = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("docker-content-digest", digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+        .header(header::ACCEPT_RANGES, "bytes");
+    match (a.range, a.size) {
+        (Some((start, end)), Some(size)) => {
+            b = b
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"))
+                .header(header::CONTENT_LENGTH, end - start + 1);
+        }
+        (_, Some(size)) => b = b.status(StatusCode::OK).header(header::CONTENT_LENGTH, size),
+        (_, None) => b = b.status(StatusCode::OK),
+    }
+    let body = match a.body {
+        Some(s) => StreamBody::new(s.map_ok(Frame::data)).boxed_unsync(),
+        None => empty(),
+    };
+    b.body(body).map_err(|e| ProtocolError::new(ErrorCode::BlobUnknown, e.to_string()))
+}
+
+/// What the access log and the request metrics need, recorded when the body is done.
+struct AccessLog {
+    metrics: Arc<Metrics>,
+    method: Method,
+    path: String,
+    status: StatusCode,
+    route: &'static str,
+    source: Option<Source>,
+    client: SocketAddr,
+    started: Instant,
+}
+
+/// Wraps a response body to count bytes and log once the body is finished or dropped, so the
+/// log line and the histogram cover the whole transfer, not just the headers.
+struct Tracked {
+    inner: Body,
+    bytes: u64,
+    expected: Option<u64>,
+    finished: bool,
+    log: AccessLog,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.finished = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let l = &self.log;
+        let finished = self.finished || self.inner.is_end_stream() || self.expected == Some(self.bytes);
+        let source_label = match &l.source {
+            Some(s) => s.label(),
+            None => "none",
+        };
+        let upstream = match &l.source {
+            Some(Source::Upstream(u)) => u.as_str(),
+            _ => "",
+        };
+        let secs = l.started.elapsed().as_secs_f64();
+        l.metrics.http_requests.with_label_values(&[l.method.as_str(), l.route, l.status.as_str()]).inc();
+        if l.source.is_some() {
+            l.metrics.http_duration.with_label_values(&[l.route, source_label]).observe(secs);
+            l.metrics.bytes_served.with_label_values(&[source_label]).inc_by(self.bytes);
+        }
+        let source = match &l.source {
+            Some(Source::Cache) => "cache",
+            Some(Source::Revalidated) => "cache-revalidated",
+            Some(Source::Stale) => "cache-stale",
+            Some(Source::Upstream(_)) => "upstream",
+            None => "-",
+        };
+        tracing::info!(
+            target: "ferry::access",
+            method = %l.method,
+            path = %l.path,
+            status = l.status.as_u16(),
+            bytes = self.bytes,
+            duration_ms = (secs * 1000.0).round() as u64,
+            source,
+            upstream,
+            client = %l.client,
+            complete = finished,
+            "request"
+        );
+    }
+}
+
+/// Binds the listener and serves until SIGTERM/SIGINT, then lets in-flight responses finish
+/// (bounded by a grace period).
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let app = App::new(&config)?;
+    let addr = config.listen_addr()?;
+    let listener =
+        TcpListener::bind(addr).await.map_err(|err| StartError::Bind { addr: config.listen.clone(), err })?;
+    let local = listener.local_addr().map_err(|err| StartError::Bind { addr: config.listen.clone(), err })?;
+    tracing::info!("listening on http://{local}");
+    serve(app, listener, shutdown_signal()).await;
+    Ok(())
+}
+
+/// Serves connections from `listener` until `shutdown` resolves.
+pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: keep serving the others.
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: waiting up to {}s for in-flight responses", SHUTDOWN_GRACE.as_secs());
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("grace period over; closing remaining connections");
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_paths() {
+        let d = "sha256:".to_owned() + &"a".repeat(64);
+        assert_eq!(
+            split_api("library/alpine/manifests/3.19"),
+            Some(Api { name: "library/alpine", endpoint: Endpoint::Manifest("3.19") })
+        );
+        assert_eq!(
+            split_api(&format!("a/blobs/b/blobs/{d}")),
+            Some(Api { name: "a/blobs/b", endpoint: Endpoint::Blob(&d) })
+        );
+        assert_eq!(
+            split_api("x/manifests/y/blobs/uploads/"),
+            Some(Api { name: "x/manifests/y", endpoint: Endpoint::Uploads })
+        );
+        assert_eq!(split_api("a/tags/list").map(|a| a.endpoint), Some(Endpoint::Tags));
+        assert_eq!(split_api("a/manifests/"), None);
+        assert_eq!(split_api("a/manifests/x/y"), None);
+        assert_eq!(split_api("nothing"), None);
+    }
+
+    #[test]
+    fn query() {
+        assert_eq!(query_param(Some("ns=ghcr.io&x=1"), "ns").as_deref(), Some("ghcr.io"));
+        assert_eq!(query_param(Some("ns=localhost%3A5000"), "ns").as_deref(), Some("localhost:5000"));
+        assert_eq!(query_param(None, "ns"), None);
+    }
+}

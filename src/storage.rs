@@ -1,0 +1,262 @@
+//! The content-addressed store: blobs by digest, plus small metadata objects (manifest records,
+//! tag mappings), behind the narrow [`Storage`] trait so that an S3-compatible backend can
+//! replace the local filesystem without the cache noticing.
+//!
+//! Nothing half-written is ever visible: data is staged in a temp file on the same filesystem,
+//! verified by the caller, then fsynced and renamed into place (and the directory fsynced).
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use futures_util::stream::{self, BoxStream, StreamExt};
+
+use crate::distribution::Digest;
+
+/// Size of each read on the cache-hit path: large reads mean few syscalls and few task hops.
+pub const READ_CHUNK: usize = 512 * 1024;
+
+/// A stream of blob bytes.
+pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
+
+/// What the cache needs from a store. Blobs are staged locally (the fetch writes and readers
+/// tail the staged file while it grows), then committed under their verified digest.
+pub trait Storage: Send + Sync + 'static {
+    /// The size of a committed blob, or `None` if it is not stored.
+    fn blob_size(&self, digest: &Digest) -> BoxFuture<'_, io::Result<Option<u64>>>;
+    /// Bytes `start..end` of a committed blob, or `None` if it is not stored.
+    fn read_blob(&self, digest: &Digest, start: u64, end: u64) -> BoxFuture<'_, io::Result<Option<ByteStream>>>;
+    /// A new, empty staging file.
+    fn stage(&self) -> BoxFuture<'_, io::Result<Staged>>;
+    /// Makes a staged file durable and visible as `digest`. The caller has verified it.
+    fn commit(&self, staged: Arc<Staged>, digest: &Digest) -> BoxFuture<'_, io::Result<()>>;
+    /// A small metadata object, or `None`.
+    fn get_object(&self, key: &str) -> BoxFuture<'_, io::Result<Option<Vec<u8>>>>;
+    /// Atomically writes a small metadata object.
+    fn put_object(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>>;
+}
+
+/// A staging file. Positional reads and writes let one writer and many readers share it without
+/// sharing a file offset; readers keep working after it is renamed into place.
+pub struct Staged {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Staged {
+    /// Writes all of `bufs` at `offset` (blocking: call from `spawn_blocking`).
+    pub fn write_all_at(&self, bufs: &[Bytes], mut offset: u64) -> io::Result<()> {
+        for b in bufs {
+            self.file.write_all_at(b, offset)?;
+            offset += b.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads up to `len` bytes at `offset` (blocking: call from `spawn_blocking`).
+    pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        read_chunk(&self.file, offset, len)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // After a successful commit the path no longer exists; otherwise this removes an
+        // abandoned or failed fetch. Either way nothing half-written stays behind.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn read_chunk(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(len);
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf.freeze())
+}
+
+/// Streams `start..end` of an open file in [`READ_CHUNK`] pieces, each read on the blocking pool.
+pub fn file_stream(file: Arc<std::fs::File>, start: u64, end: u64) -> ByteStream {
+    stream::try_unfold(start, move |pos| {
+        let file = file.clone();
+        async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            let len = (end - pos).min(READ_CHUNK as u64) as usize;
+            let chunk =
+                tokio::task::spawn_blocking(move || read_chunk(&file, pos, len)).await.map_err(io::Error::other)??;
+            if chunk.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than expected"));
+            }
+            let next = pos + chunk.len() as u64;
+            Ok(Some((chunk, next)))
+        }
+    })
+    .boxed()
+}
+
+/// The embedded default: a directory tree.
+///
+/// ```text
+/// root/blobs/sha256/ab/ab12…   committed blobs
+/// root/objects/…               metadata objects (manifest records, tags)
+/// root/tmp/                    staging; emptied at start-up
+/// ```
+pub struct FsStorage {
+    root: PathBuf,
+    counter: AtomicU64,
+}
+
+impl FsStorage {
+    /// Opens (creating if needed) a store under `root` and removes staging leftovers from a
+    /// previous run (a crash mid-fetch leaves only unverified temp files, never a visible blob).
+    pub fn open(root: &Path) -> io::Result<FsStorage> {
+        for dir in ["blobs/sha256", "objects", "tmp"] {
+            std::fs::create_dir_all(root.join(dir))?;
+        }
+        for entry in std::fs::read_dir(root.join("tmp"))? {
+            let entry = entry?;
+            let _ = std::fs::remove_file(entry.path());
+        }
+        Ok(FsStorage { root: root.to_owned(), counter: AtomicU64::new(0) })
+    }
+
+    /// Where a committed blob lives.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root.join("blobs/sha256").join(&hex[..2]).join(hex)
+    }
+
+    fn object_path(&self, key: &str) -> io::Result<PathBuf> {
+        // Keys are built by Ferry from validated names; refuse anything that could escape.
+        if key.is_empty() || key.starts_with('/') || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad object key {key:?}")));
+        }
+        Ok(self.root.join("objects").join(key))
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        self.root.join("tmp").join(format!("{}-{n}", std::process::id()))
+    }
+}
+
+/// fsync a file, rename it into place, fsync the directory: the classic durable publish.
+fn publish(file: &std::fs::File, from: &Path, to: &Path) -> io::Result<()> {
+    file.sync_all()?;
+    let dir = to.parent().ok_or_else(|| io::Error::other("target has no parent"))?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::rename(from, to)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(io::Error::other)?
+}
+
+fn not_found_is_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Storage for FsStorage {
+    fn blob_size(&self, digest: &Digest) -> BoxFuture<'_, io::Result<Option<u64>>> {
+        let path = self.blob_path(digest);
+        Box::pin(async move { not_found_is_none(tokio::fs::metadata(path).await).map(|m| m.map(|m| m.len())) })
+    }
+
+    fn read_blob(&self, digest: &Digest, start: u64, end: u64) -> BoxFuture<'_, io::Result<Option<ByteStream>>> {
+        let path = self.blob_path(digest);
+        Box::pin(async move {
+            let file = blocking(move || not_found_is_none(std::fs::File::open(path))).await?;
+            Ok(file.map(|f| file_stream(Arc::new(f), start, end)))
+        })
+    }
+
+    fn stage(&self) -> BoxFuture<'_, io::Result<Staged>> {
+        let path = self.temp_path();
+        Box::pin(async move {
+            blocking(move || {
+                let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+                Ok(Staged { file, path })
+            })
+            .await
+        })
+    }
+
+    fn commit(&self, staged: Arc<Staged>, digest: &Digest) -> BoxFuture<'_, io::Result<()>> {
+        let to = self.blob_path(digest);
+        Box::pin(async move { blocking(move || publish(&staged.file, &staged.path, &to)).await })
+    }
+
+    fn get_object(&self, key: &str) -> BoxFuture<'_, io::Result<Option<Vec<u8>>>> {
+        let path = self.object_path(key);
+        Box::pin(async move { not_found_is_none(tokio::fs::read(path?).await) })
+    }
+
+    fn put_object(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>> {
+        let to = self.object_path(key);
+        let tmp = self.temp_path();
+        Box::pin(async move {
+            let to = to?;
+            blocking(move || {
+                let mut file = std::fs::File::create_new(&tmp)?;
+                let result = io::Write::write_all(&mut file, &bytes).and_then(|_| publish(&file, &tmp, &to));
+                if result.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                result
+            })
+            .await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::TryStreamExt;
+
+    #[tokio::test]
+    async fn stage_commit_read() {
+        let dir = std::env::temp_dir().join(format!("ferry-storage-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        std::fs::write(dir.join("tmp/leftover"), b"x").unwrap();
+        let s = FsStorage::open(&dir).unwrap();
+        assert!(!dir.join("tmp/leftover").exists(), "leftovers removed at start-up");
+
+        let data = Bytes::from(vec![7u8; READ_CHUNK * 2 + 5]);
+        let d = Digest::of(&data);
+        assert_eq!(s.blob_size(&d).await.unwrap(), None);
+        let staged = Arc::new(s.stage().await.unwrap());
+        staged.write_all_at(&[data.slice(..10), data.slice(10..)], 0).unwrap();
+        s.commit(staged, &d).await.unwrap();
+        assert_eq!(s.blob_size(&d).await.unwrap(), Some(data.len() as u64));
+        let got: Vec<Bytes> =
+            s.read_blob(&d, 3, data.len() as u64).await.unwrap().unwrap().try_collect().await.unwrap();
+        assert_eq!(got.concat(), data[3..]);
+        assert_eq!(std::fs::read_dir(dir.join("tmp")).unwrap().count(), 0, "nothing left in tmp");
+
+        s.put_object("a/b", b"hello".to_vec()).await.unwrap();
+        assert_eq!(s.get_object("a/b").await.unwrap().unwrap(), b"hello");
+        assert!(s.get_object("a/../x").await.is_err());
+        assert_eq!(s.get_object("nope").await.unwrap(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
