@@ -580,8 +580,15 @@ impl Cache {
         };
         let answer =
             pool.send(&req).await.map_err(|e| e.into_error(ErrorCode::BlobUnknown, &format!("blob {digest}")))?;
+        // Not `content_length()`: reqwest reports the (empty) body of a HEAD answer there.
+        let size = answer
+            .response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         Ok(BlobAnswer {
-            size: answer.response.content_length(),
+            size,
             range: None,
             body: None,
             source: Source::Upstream(answer.upstream.name().to_owned()),
