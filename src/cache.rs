@@ -27,6 +27,9 @@ use crate::registry::Route;
 use crate::storage::{ByteStream, Staged, Storage, READ_CHUNK};
 use crate::upstream::{error_chain, Answer, Exhausted, Pool, Reason, UpstreamRequest};
 
+mod eviction;
+pub use eviction::Evictor;
+
 /// Where an answer came from (a metrics label and an access-log field).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -197,6 +200,7 @@ pub struct Cache {
     tags: moka::future::Cache<TagKey, TagEntry>,
     manifest_fetches: Arc<Mutex<HashMap<String, SharedManifest>>>,
     blob_fetches: Arc<Mutex<HashMap<Digest, Arc<BlobFetch>>>>,
+    evictor: Arc<Evictor>,
 }
 
 fn now_secs() -> u64 {
@@ -209,13 +213,19 @@ fn internal(what: &str, e: impl std::fmt::Display) -> ProtocolError {
 }
 
 impl Cache {
-    /// A cache over `storage`, fetching through `pools` (one per configured registry).
+    /// A cache over `storage`, fetching through `pools` (one per configured registry), keeping
+    /// cached blobs under `max_size` bytes. Must be called inside a Tokio runtime: the
+    /// inventory of blobs already on disk is loaded in the background.
     pub fn new(
         storage: Arc<dyn Storage>,
         pools: HashMap<String, Arc<Pool>>,
         config: CacheConfig,
+        max_size: Option<u64>,
         metrics: Arc<Metrics>,
     ) -> Arc<Cache> {
+        let evictor = Evictor::new(max_size, storage.clone(), metrics.clone());
+        let scanning = evictor.clone();
+        tokio::spawn(async move { scanning.scan().await });
         let manifests = moka::future::Cache::builder()
             .max_capacity(config.memory.as_u64())
             .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + 256).unwrap_or(u32::MAX))
@@ -230,6 +240,7 @@ impl Cache {
             tags,
             manifest_fetches: Default::default(),
             blob_fetches: Default::default(),
+            evictor,
         })
     }
 
@@ -470,7 +481,7 @@ impl Cache {
                     return Ok((m.clone(), Source::Revalidated));
                 }
                 Ok(_) => {}
-                Err(e) if e.code == ErrorCode::Unavailable => return self.serve_stale(&key, m, e),
+                Err(e) if e.code == ErrorCode::Unavailable => return self.serve_stale(&key, entry.as_ref(), m, e),
                 Err(e) => return Err(e),
             }
         }
@@ -482,7 +493,7 @@ impl Cache {
                 Ok((m, Source::Upstream(up)))
             }
             Err(e) if e.code == ErrorCode::Unavailable => match &local {
-                Some(m) => self.serve_stale(&key, m, e),
+                Some(m) => self.serve_stale(&key, entry.as_ref(), m, e),
                 None => Err(e),
             },
             Err(e) => Err(e),
@@ -492,9 +503,14 @@ impl Cache {
     fn serve_stale(
         &self,
         key: &TagKey,
+        entry: Option<&TagEntry>,
         m: &Arc<Manifest>,
         why: ProtocolError,
     ) -> Result<(Arc<Manifest>, Source), ProtocolError> {
+        let age = now_secs().saturating_sub(entry.map_or(0, |e| e.validated_at));
+        if age > self.config.serve_stale.as_secs() {
+            return Err(why);
+        }
         // Stale-if-error: a gateway that lost its upstreams keeps serving what it knows.
         tracing::warn!(repo = %key.repo, tag = %key.tag, digest = %m.digest, error = %why.message, "serving stale tag");
         self.count("manifest", "stale");
@@ -544,6 +560,7 @@ impl Cache {
         let stored = self.storage.blob_size(digest).await.map_err(|e| internal("cannot stat blob", e))?;
         if let Some(size) = stored {
             self.count("blob", "hit");
+            self.evictor.touch(digest);
             let span = match range {
                 Some(r) => Some(r.resolve(size).ok_or_else(|| unsatisfiable(size))?),
                 None => None,
@@ -587,12 +604,7 @@ impl Cache {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        Ok(BlobAnswer {
-            size,
-            range: None,
-            body: None,
-            source: Source::Upstream(answer.upstream.name().to_owned()),
-        })
+        Ok(BlobAnswer { size, range: None, body: None, source: Source::Upstream(answer.upstream.name().to_owned()) })
     }
 
     async fn fetch_blob(
@@ -657,8 +669,11 @@ impl Cache {
             this.metrics.inflight_fetches.inc();
             let result = this.run_fetch(&pool, &repo, &digest, &staged, &tx).await;
             let result = match result {
-                Ok(()) => match this.storage.commit(staged, &digest).await {
-                    Ok(()) => Ok(()),
+                Ok(size) => match this.storage.commit(staged, &digest).await {
+                    Ok(()) => {
+                        this.evictor.added(&digest, size).await;
+                        Ok(())
+                    }
                     Err(e) => {
                         // Readers hold the open file, so their responses still complete.
                         this.metrics.cache_write_errors.inc();
@@ -689,7 +704,7 @@ impl Cache {
         digest: &Digest,
         staged: &Arc<Staged>,
         tx: &watch::Sender<Progress>,
-    ) -> Result<(), ProtocolError> {
+    ) -> Result<u64, ProtocolError> {
         let what = format!("blob {digest}");
         let mut hasher = DigestVerifier::new();
         let mut written: u64 = 0;
@@ -837,7 +852,7 @@ impl Cache {
                 format!("upstream {} sent bytes that do not match {digest}", upstream.name()),
             ));
         }
-        Ok(())
+        Ok(written)
     }
 }
 

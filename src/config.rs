@@ -78,11 +78,14 @@ impl Default for Config {
 pub struct StorageConfig {
     /// Directory holding blobs, manifests and temp files (one filesystem, so renames are atomic).
     pub root: PathBuf,
+    /// Upper bound for cached blobs; least-recently-used ones are evicted beyond it. Unbounded
+    /// when absent. Pushed (hosted) content is never evicted.
+    pub max_size: Option<ByteSize>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { root: PathBuf::from("./ferry-data") }
+        StorageConfig { root: PathBuf::from("./ferry-data"), max_size: None }
     }
 }
 
@@ -93,13 +96,20 @@ pub struct CacheConfig {
     /// How long a tag→digest answer is trusted before one `HEAD` revalidates it.
     #[serde(with = "humantime_serde")]
     pub tag_ttl: Duration,
+    /// How old a tag answer may be and still be served when no upstream answers.
+    #[serde(with = "humantime_serde")]
+    pub serve_stale: Duration,
     /// Memory for cached manifest bodies (the fast tier; disk keeps the record).
     pub memory: ByteSize,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { tag_ttl: Duration::from_secs(300), memory: ByteSize::mib(64) }
+        CacheConfig {
+            tag_ttl: Duration::from_secs(300),
+            serve_stale: Duration::from_secs(7 * 24 * 3600),
+            memory: ByteSize::mib(64),
+        }
     }
 }
 
@@ -390,6 +400,18 @@ mod tests {
         assert_eq!(e.path, "default_registry");
         let e = Config::from_yaml("listen: nowhere\n").unwrap_err();
         assert_eq!(e.path, "listen");
+    }
+
+    #[test]
+    fn shipped_config_files_are_valid() {
+        for (name, text) in [
+            ("config.example.yml", include_str!("../config.example.yml")),
+            ("deploy/config.yml", include_str!("../deploy/config.yml")),
+        ] {
+            if let Err(e) = Config::from_yaml(text) {
+                panic!("{name}: {e}");
+            }
+        }
     }
 
     #[test]

@@ -35,6 +35,12 @@ pub struct Metrics {
     pub digest_mismatches: IntCounter,
     /// `ferry_cache_write_errors_total`: blobs served uncached because the disk refused them.
     pub cache_write_errors: IntCounter,
+    /// `ferry_cache_size_bytes`: bytes of cached blobs on disk.
+    pub cache_size_bytes: IntGauge,
+    /// `ferry_cache_blobs`: cached blobs on disk.
+    pub cache_blobs: IntGauge,
+    /// `ferry_cache_evictions_total`: blobs removed to stay under `storage.max_size`.
+    pub cache_evictions: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
@@ -72,7 +78,17 @@ impl Metrics {
             "Blobs streamed to clients without being cached because the disk write failed.",
         )?;
         r.register(Box::new(cache_write_errors.clone()))?;
+        let cache_size_bytes = IntGauge::new("ferry_cache_size_bytes", "Bytes of cached blobs on disk.")?;
+        r.register(Box::new(cache_size_bytes.clone()))?;
+        let cache_blobs = IntGauge::new("ferry_cache_blobs", "Cached blobs on disk.")?;
+        r.register(Box::new(cache_blobs.clone()))?;
+        let cache_evictions =
+            IntCounter::new("ferry_cache_evictions_total", "Blobs evicted to stay under storage.max_size.")?;
+        r.register(Box::new(cache_evictions.clone()))?;
         Ok(Metrics {
+            cache_size_bytes,
+            cache_blobs,
+            cache_evictions,
             http_requests: counter_vec(
                 &r,
                 "ferry_http_requests_total",

@@ -87,7 +87,8 @@ impl App {
         for (name, reg) in &config.registries {
             pools.insert(name.clone(), Arc::new(Pool::new(name, reg, metrics.clone())?));
         }
-        let cache = Cache::new(storage, pools, config.cache.clone(), metrics.clone());
+        let max_size = config.storage.max_size.map(|s| s.as_u64());
+        let cache = Cache::new(storage, pools, config.cache.clone(), max_size, metrics.clone());
         Ok(Arc::new(App {
             router: Router::new(config.registries.keys().cloned(), &config.default_registry),
             cache,

@@ -38,6 +38,21 @@ pub trait Storage: Send + Sync + 'static {
     fn get_object(&self, key: &str) -> BoxFuture<'_, io::Result<Option<Vec<u8>>>>;
     /// Atomically writes a small metadata object.
     fn put_object(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>>;
+    /// Every committed blob with its size and last-modified time (the start-up inventory).
+    fn list_blobs(&self) -> BoxFuture<'_, io::Result<Vec<BlobInfo>>>;
+    /// Removes a committed blob. Readers that already opened it keep reading.
+    fn remove_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>>;
+}
+
+/// One entry of the blob inventory.
+#[derive(Clone, Debug)]
+pub struct BlobInfo {
+    /// The blob's digest.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last written (committed).
+    pub modified: std::time::SystemTime,
 }
 
 /// A staging file. Positional reads and writes let one writer and many readers share it without
@@ -225,6 +240,44 @@ impl Storage for FsStorage {
             .await
         })
     }
+
+    fn list_blobs(&self) -> BoxFuture<'_, io::Result<Vec<BlobInfo>>> {
+        let root = self.root.join("blobs/sha256");
+        Box::pin(blocking(move || scan_blobs(&root)))
+    }
+
+    fn remove_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>> {
+        let path = self.blob_path(digest);
+        Box::pin(async move {
+            match tokio::fs::remove_file(path).await {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        })
+    }
+}
+
+fn scan_blobs(root: &Path) -> io::Result<Vec<BlobInfo>> {
+    let mut out = Vec::new();
+    for shard in std::fs::read_dir(root)? {
+        let shard = shard?;
+        if !shard.file_type()?.is_dir() {
+            continue;
+        }
+        for entry in std::fs::read_dir(shard.path())? {
+            let entry = entry?;
+            let name = entry.file_name();
+            // Anything not named like a blob is not ours to count or evict.
+            let Ok(digest) = Digest::parse(&format!("sha256:{}", name.to_string_lossy())) else { continue };
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            out.push(BlobInfo { digest, size: meta.len(), modified: meta.modified()? });
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -248,10 +301,16 @@ mod tests {
         staged.write_all_at(&[data.slice(..10), data.slice(10..)], 0).unwrap();
         s.commit(staged, &d).await.unwrap();
         assert_eq!(s.blob_size(&d).await.unwrap(), Some(data.len() as u64));
+        let listed = s.list_blobs().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].digest.clone(), listed[0].size), (d.clone(), data.len() as u64));
         let got: Vec<Bytes> =
             s.read_blob(&d, 3, data.len() as u64).await.unwrap().unwrap().try_collect().await.unwrap();
         assert_eq!(got.concat(), data[3..]);
         assert_eq!(std::fs::read_dir(dir.join("tmp")).unwrap().count(), 0, "nothing left in tmp");
+        s.remove_blob(&d).await.unwrap();
+        assert_eq!(s.blob_size(&d).await.unwrap(), None);
+        s.remove_blob(&d).await.unwrap();
 
         s.put_object("a/b", b"hello".to_vec()).await.unwrap();
         assert_eq!(s.get_object("a/b").await.unwrap().unwrap(), b"hello");

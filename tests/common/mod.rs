@@ -11,6 +11,8 @@
 //!   `*_creds` variants): hermetic skopeo runs against `127.0.0.1:PORT` references.
 //! * [`Ferry`]: the binary under test, started with a YAML config, with its output captured.
 //! * [`http_request`]: a tiny HTTP/1.1 client for poking servers directly.
+//! * [`token::TokenServer`]: a Bearer-token issuer; [`Registry::start_with_token`] starts a
+//!   registry with `auth: token` that trusts it.
 //!
 //! Waiting is never done with a bare `sleep`: readiness checks poll with bounded attempts and
 //! a deadline, and everything else waits on channels or condition variables with timeouts.
@@ -33,6 +35,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
+
+pub mod token;
 
 /// How to get the external tools the end-to-end tests rely on.
 pub const INSTALL_HINT: &str = "apt-get install -y docker-registry skopeo apache2-utils";
@@ -335,6 +339,8 @@ impl AccessLogEntry {
 /// readiness probes show up there as `GET /v2/` lines.
 pub struct Registry {
     opts: RegistryOpts,
+    /// `auth: token` settings (see [`Registry::start_with_token`]).
+    token: Option<token::TokenAuth>,
     dir: TempDir,
     port: u16,
     child: Option<Child>,
@@ -348,7 +354,19 @@ impl Registry {
 
     /// Starts a registry with `opts` and waits until `GET /v2/` answers (200 or 401).
     pub fn start_with(opts: RegistryOpts) -> Self {
+        Self::start_impl(opts, None)
+    }
+
+    /// Starts a registry with `auth: token` trusting `auth` (from [`token::TokenServer::auth`]):
+    /// clients get `401` with `WWW-Authenticate: Bearer realm=...,service=...,scope=...` and
+    /// must present a token from that server. Start the token server first and keep it alive.
+    pub fn start_with_token(auth: token::TokenAuth) -> Self {
+        Self::start_impl(RegistryOpts::default(), Some(auth))
+    }
+
+    fn start_impl(opts: RegistryOpts, token: Option<token::TokenAuth>) -> Self {
         require_tool("docker-registry");
+        assert!(opts.htpasswd.is_none() || token.is_none(), "a registry has one auth method: htpasswd or token");
         let dir = tmp_dir();
         if let Some((user, pass)) = &opts.htpasswd {
             require_tool("htpasswd");
@@ -360,7 +378,7 @@ impl Registry {
             assert!(out.status.success(), "htpasswd failed: {}", String::from_utf8_lossy(&out.stderr));
             fs::write(dir.path().join("htpasswd"), &out.stdout).expect("write htpasswd file");
         }
-        let mut registry = Self { opts, dir, port: 0, child: None };
+        let mut registry = Self { opts, token, dir, port: 0, child: None };
         // The port is only reserved until `free_port` returns: retry if someone grabs it.
         let mut last_error = String::new();
         for _ in 0..REGISTRY_START_ATTEMPTS {
@@ -392,6 +410,11 @@ impl Registry {
     /// PID of the running registry process (panics if stopped).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("registry is stopped").id()
+    }
+
+    /// The `auth: token` settings the registry was started with, if any.
+    pub fn token_auth(&self) -> Option<&token::TokenAuth> {
+        self.token.as_ref()
     }
 
     /// The `(user, password)` the registry requires, if any.
@@ -463,6 +486,17 @@ impl Registry {
                 config,
                 "auth:\n  htpasswd:\n    realm: ferry-e2e\n    path: {}\n",
                 quote(self.dir.path().join("htpasswd"))
+            );
+        }
+        if let Some(token) = &self.token {
+            let text = |s: &str| serde_json::to_string(s).expect("quote string");
+            let _ = write!(
+                config,
+                "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                text(&token.realm),
+                text(&token.service),
+                text(&token.issuer),
+                quote(token.rootcertbundle.clone())
             );
         }
         fs::write(self.dir.path().join("config.yml"), config).expect("write registry config");
