@@ -68,8 +68,8 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Serve { config } => {
-            let config = match load(config.as_ref()) {
+        Command::Serve { config: path } => {
+            let config = match load(path.as_ref()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("ferry: invalid configuration: {e}");
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(ferry::server::run(config)) {
+            match runtime.block_on(ferry::server::run(config, path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("cannot start: {e}");

@@ -426,16 +426,47 @@ impl Drop for Tracked {
 }
 
 /// Binds the listener and serves until SIGTERM/SIGINT, then lets in-flight responses finish
-/// (bounded by a grace period).
-pub async fn run(config: Config) -> Result<(), StartError> {
+/// (bounded by a grace period). SIGHUP re-reads `config_path` (see [`watch_reload`]).
+pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> Result<(), StartError> {
     let app = App::new(&config)?;
     let addr = config.listen_addr()?;
     let listener =
         TcpListener::bind(addr).await.map_err(|err| StartError::Bind { addr: config.listen.clone(), err })?;
     let local = listener.local_addr().map_err(|err| StartError::Bind { addr: config.listen.clone(), err })?;
     tracing::info!("listening on http://{local}");
+    tokio::spawn(watch_reload(config, config_path));
     serve(app, listener, shutdown_signal()).await;
     Ok(())
+}
+
+/// On SIGHUP (`systemctl reload`), re-reads and validates the config file. A bad file is
+/// reported and the running configuration stays; a valid one that differs is reported too,
+/// with the keys that changed, because upstream pools and storage are rebuilt only at start:
+/// swapping them under in-flight fetches is not safe yet.
+async fn watch_reload(running: Config, path: Option<std::path::PathBuf>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+    let running = serde_json::to_value(&running).unwrap_or_default();
+    while hup.recv().await.is_some() {
+        let Some(path) = &path else {
+            tracing::info!("SIGHUP: running on embedded defaults, nothing to reload");
+            continue;
+        };
+        match Config::load(path) {
+            Err(e) => tracing::error!(error = %e, "SIGHUP: new configuration rejected; keeping the running one"),
+            Ok(new) => {
+                let new = serde_json::to_value(&new).unwrap_or_default();
+                let changed: Vec<&String> = match (running.as_object(), new.as_object()) {
+                    (Some(a), Some(b)) => b.keys().filter(|k| a.get(*k) != b.get(*k)).collect(),
+                    _ => vec![],
+                };
+                if changed.is_empty() {
+                    tracing::info!("SIGHUP: configuration unchanged");
+                } else {
+                    tracing::warn!(?changed, "SIGHUP: configuration is valid; restart Ferry to apply the changes");
+                }
+            }
+        }
+    }
 }
 
 /// Serves connections from `listener` until `shutdown` resolves.

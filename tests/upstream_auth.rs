@@ -1,0 +1,108 @@
+//! Upstream authentication against real Distribution registries: the Bearer token flow
+//! (anonymous, as Docker Hub serves public images, and with credentials, as Harbor or GHCR
+//! with a robot account), Basic auth, and clear errors naming the upstream when refused.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::token::{TokenServer, TokenServerOpts};
+use common::*;
+
+fn config(storage: &Path, upstream: &str, creds: Option<(&str, &str)>) -> String {
+    let auth = creds.map_or(String::new(), |(u, p)| format!("        username: \"{u}\"\n        password: \"{p}\"\n"));
+    format!(
+        "listen: \"127.0.0.1:0\"\nstorage:\n  root: \"{}\"\nregistries:\n  docker.io:\n    upstreams:\n      - url: \"{upstream}\"\n{auth}",
+        storage.display()
+    )
+}
+
+fn assert_image(dir: &Path, image: &Image) {
+    assert_eq!(fs::read(dir.join("manifest.json")).unwrap(), image.manifest_bytes);
+    for d in image.blob_digests() {
+        assert_eq!(sha256_file(dir.join(digest_hex(&d))), d);
+    }
+}
+
+#[test]
+fn anonymous_bearer_tokens_are_fetched_once_and_reused_across_blobs() {
+    let tokens = TokenServer::start(TokenServerOpts::default());
+    let upstream = Registry::start_with_token(tokens.auth());
+    let work = tmp_dir();
+    let layout = work.path().join("layout");
+    let image = build_image(&layout, "v1", &[1024, 2048, 4096, 8192], 71);
+    push_layout(&layout, "v1", &format!("{}/library/public:v1", upstream.host()), false).unwrap();
+    let pushed_with = tokens.requests();
+
+    let ferry = Ferry::start(&config(&work.path().join("data"), &upstream.url(), None));
+    let out = work.path().join("out");
+    pull_to_dir(&format!("{}/public:v1", ferry.host()), &out).unwrap();
+    assert_image(&out, &image);
+    let asked: Vec<_> = tokens.token_requests().into_iter().skip(pushed_with).collect();
+    assert_eq!(asked.len(), 1, "one token for the manifest and all five blobs: {asked:?}");
+    assert_eq!(asked[0].scopes, vec!["repository:library/public:pull".to_owned()]);
+    assert_eq!(asked[0].user, None, "anonymous");
+}
+
+#[test]
+fn bearer_tokens_with_configured_credentials_and_a_clear_error_when_refused() {
+    let tokens = TokenServer::start(TokenServerOpts {
+        basic: Some(("robot".into(), "t0ken-pass".into())),
+        ..Default::default()
+    });
+    let upstream = Registry::start_with_token(tokens.auth());
+    let work = tmp_dir();
+    let layout = work.path().join("layout");
+    let image = build_image(&layout, "v1", &[1024, 2048], 72);
+    push_layout_creds(&layout, "v1", &format!("{}/team/private:v1", upstream.host()), false, ("robot", "t0ken-pass"))
+        .unwrap();
+    let before = tokens.requests();
+
+    let ferry = Ferry::start(&config(&work.path().join("ok"), &upstream.url(), Some(("robot", "t0ken-pass"))));
+    let out = work.path().join("out");
+    pull_to_dir(&format!("{}/team/private:v1", ferry.host()), &out).unwrap();
+    assert_image(&out, &image);
+    let asked: Vec<_> = tokens.token_requests().into_iter().skip(before).collect();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].user.as_deref(), Some("robot"));
+
+    let wrong = Ferry::start(&config(&work.path().join("bad"), &upstream.url(), Some(("robot", "wrong-pass"))));
+    let resp =
+        http_request("GET", &format!("{}/v2/team/private/manifests/v1", wrong.url()), &[("Accept", OCI_MANIFEST)])
+            .unwrap();
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    let body = resp.text();
+    assert!(body.contains(&upstream.url()), "names the upstream: {body}");
+    assert!(body.contains("token endpoint answered HTTP 401"), "says why: {body}");
+    assert!(!body.contains("wrong-pass") && !wrong.log_text().contains("wrong-pass"), "no secret leaks");
+}
+
+#[test]
+fn basic_auth_upstream_with_a_password_file() {
+    let upstream = Registry::start_with(RegistryOpts { htpasswd: Some(("mirror".into(), "filed-secret".into())) });
+    let work = tmp_dir();
+    let layout = work.path().join("layout");
+    let image = build_image(&layout, "v1", &[3000], 73);
+    push_layout_creds(
+        &layout,
+        "v1",
+        &format!("{}/library/basic:v1", upstream.host()),
+        false,
+        ("mirror", "filed-secret"),
+    )
+    .unwrap();
+    let secret = work.path().join("password");
+    fs::write(&secret, "filed-secret\n").unwrap();
+    let cfg = format!(
+        "listen: \"127.0.0.1:0\"\nstorage:\n  root: \"{}\"\nregistries:\n  docker.io:\n    upstreams:\n      - url: \"{}\"\n        username: mirror\n        password_file: \"{}\"\n",
+        work.path().join("data").display(),
+        upstream.url(),
+        secret.display()
+    );
+    let ferry = Ferry::start(&cfg);
+    let out = work.path().join("out");
+    pull_to_dir(&format!("{}/basic:v1", ferry.host()), &out).unwrap();
+    assert_image(&out, &image);
+    assert!(!ferry.log_text().contains("filed-secret"));
+}
