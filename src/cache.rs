@@ -122,11 +122,23 @@ struct Progress {
     done: Option<Result<(), ProtocolError>>,
     /// The upstream currently streaming.
     upstream: String,
+    /// Set when the disk refused a write: bytes from this offset on are relayed in memory to
+    /// the clients already reading, and the blob will not be cached.
+    relay_from: Option<u64>,
 }
 
+/// Bytes relayed in memory once the disk refused them: `(offset in the blob, bytes)`.
+type Relayed = (u64, Bytes);
+
+/// Batches a relay may queue for a reader before the reader is dropped as too slow: the bound
+/// on memory when the disk is full (batches are at most a few MiB each, usually far less).
+const RELAY_CAPACITY: usize = 64;
+
 struct BlobFetch {
-    staged: Arc<Staged>,
+    /// The staging file, or `None` when it could not even be created (relay from byte 0).
+    staged: Option<Arc<Staged>>,
     progress: watch::Receiver<Progress>,
+    relay: tokio::sync::broadcast::Sender<Relayed>,
 }
 
 type SharedManifest = Shared<BoxFuture<'static, Result<(Arc<Manifest>, Source), ProtocolError>>>;
@@ -613,7 +625,7 @@ impl Cache {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobAnswer, ProtocolError> {
-        let (fetch, joined) = self.join_or_start(route, digest).await?;
+        let (fetch, relay, joined) = self.join_or_start(route, digest).await?;
         self.count("blob", if joined { "coalesced" } else { "miss" });
         let mut rx = fetch.progress.clone();
         let progress = rx
@@ -639,37 +651,53 @@ impl Cache {
         Ok(BlobAnswer {
             size,
             range: span,
-            body: Some(tail_stream(fetch, start, end)),
+            body: Some(tail_stream(fetch, relay, start, end)),
             source: Source::Upstream(progress.upstream),
         })
     }
 
+    /// Joins the fetch in progress for `digest`, or starts one. The relay receiver is taken
+    /// here, before any byte can be relayed, so a reader never misses relayed bytes it needs.
     async fn join_or_start(
         self: &Arc<Self>,
         route: &Route,
         digest: &Digest,
-    ) -> Result<(Arc<BlobFetch>, bool), ProtocolError> {
-        if let Some(f) = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?.get(digest) {
-            return Ok((f.clone(), true));
+    ) -> Result<(Arc<BlobFetch>, tokio::sync::broadcast::Receiver<Relayed>, bool), ProtocolError> {
+        if let Some(joined) = self.try_join(digest)? {
+            return Ok(joined);
         }
         let pool = self.pool(&route.registry)?;
-        let staged = Arc::new(self.storage.stage().await.map_err(|e| internal("cannot create staging file", e))?);
-        let mut map = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?;
-        if let Some(f) = map.get(digest) {
-            // Someone started it while we were creating our staging file (ours is dropped).
-            return Ok((f.clone(), true));
+        let staged = match self.storage.stage().await {
+            Ok(s) => Some(Arc::new(s)),
+            Err(e) => {
+                // A full or broken disk never fails a pull: this one streams through uncached.
+                self.metrics.cache_write_errors.inc();
+                tracing::warn!(%digest, error = %e, "cannot create a staging file; streaming uncached");
+                None
+            }
+        };
+        let (tx, rx) = watch::channel(Progress { relay_from: staged.is_none().then_some(0), ..Progress::default() });
+        let (relay, relay_rx) = tokio::sync::broadcast::channel(RELAY_CAPACITY);
+        let fetch = Arc::new(BlobFetch { staged: staged.clone(), progress: rx, relay });
+        if staged.is_some() {
+            let mut map = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?;
+            if let Some(f) = map.get(digest) {
+                // Someone started it while we were creating our staging file (ours is dropped).
+                if f.progress.borrow().relay_from.is_none() {
+                    return Ok((f.clone(), f.relay.subscribe(), true));
+                }
+            }
+            map.insert(digest.clone(), fetch.clone());
         }
-        let (tx, rx) = watch::channel(Progress::default());
-        let fetch = Arc::new(BlobFetch { staged: staged.clone(), progress: rx });
-        map.insert(digest.clone(), fetch.clone());
-        drop(map);
         let this = self.clone();
-        let (repo, digest) = (route.repo.clone(), digest.clone());
+        let (repo, digest, me) = (route.repo.clone(), digest.clone(), fetch.clone());
         tokio::spawn(async move {
+            let relay = &me.relay;
             this.metrics.inflight_fetches.inc();
-            let result = this.run_fetch(&pool, &repo, &digest, &staged, &tx).await;
-            let result = match result {
-                Ok(size) => match this.storage.commit(staged, &digest).await {
+            let result = this.run_fetch(&pool, &repo, &digest, staged.as_ref(), &tx, relay).await;
+            let cacheable = tx.borrow().relay_from.is_none();
+            let result = match (result, staged) {
+                (Ok(size), Some(staged)) if cacheable => match this.storage.commit(staged, &digest).await {
                     Ok(()) => {
                         this.evictor.added(&digest, size).await;
                         Ok(())
@@ -681,18 +709,35 @@ impl Cache {
                         Ok(())
                     }
                 },
-                Err(e) => Err(e),
+                (Ok(_), _) => Ok(()),
+                (Err(e), _) => Err(e),
             };
             if let Err(e) = &result {
                 tracing::warn!(%digest, error = %e.message, "blob fetch failed");
             }
             tx.send_modify(|p| p.done = Some(result));
             if let Ok(mut map) = this.blob_fetches.lock() {
-                map.remove(&digest);
+                if map.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &me)) {
+                    map.remove(&digest);
+                }
             }
             this.metrics.inflight_fetches.dec();
         });
-        Ok((fetch, false))
+        Ok((fetch, relay_rx, false))
+    }
+
+    /// A fetch in progress that can still be joined: one that is writing to disk. One that is
+    /// relaying (the disk refused it) cannot give a newcomer the bytes already relayed.
+    #[allow(clippy::type_complexity)]
+    fn try_join(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<(Arc<BlobFetch>, tokio::sync::broadcast::Receiver<Relayed>, bool)>, ProtocolError> {
+        let map = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?;
+        Ok(map
+            .get(digest)
+            .filter(|f| f.progress.borrow().relay_from.is_none())
+            .map(|f| (f.clone(), f.relay.subscribe(), true)))
     }
 
     /// Streams the blob into the staging file from the first upstream that can, resuming with
@@ -702,8 +747,9 @@ impl Cache {
         pool: &Pool,
         repo: &RepoName,
         digest: &Digest,
-        staged: &Arc<Staged>,
+        staged: Option<&Arc<Staged>>,
         tx: &watch::Sender<Progress>,
+        relay: &tokio::sync::broadcast::Sender<Relayed>,
     ) -> Result<u64, ProtocolError> {
         let what = format!("blob {digest}");
         let mut hasher = DigestVerifier::new();
@@ -720,6 +766,9 @@ impl Cache {
             skip: vec![],
         };
         let mut last_upstream = None;
+        // In relay mode the newest batch is held back until the digest is verified, so a
+        // corrupt blob never reaches a client complete.
+        let mut held: Option<Relayed> = None;
         for _ in 0..pool_attempts(pool) {
             req.range_from = (written > 0).then_some(written);
             let Answer { upstream, response } = match pool.send(&req).await {
@@ -797,23 +846,51 @@ impl Cache {
                     break Err(Reason::Body("more bytes than announced".into()));
                 }
                 if len > 0 {
-                    let s = staged.clone();
-                    let at = written;
-                    let mut h = std::mem::take(&mut hasher);
-                    // Hash and write on the blocking pool: the bytes move there, no copy.
-                    let (h, res) = tokio::task::spawn_blocking(move || {
-                        for b in &batch {
-                            h.update(b);
+                    let relay_from = tx.borrow().relay_from;
+                    match (relay_from, staged) {
+                        (None, Some(staged)) => {
+                            let s = staged.clone();
+                            let at = written;
+                            let mut h = std::mem::take(&mut hasher);
+                            let kept = batch.clone();
+                            // Hash and write on the blocking pool: the bytes move there, no copy.
+                            let (h, res) = tokio::task::spawn_blocking(move || {
+                                for b in &kept {
+                                    h.update(b);
+                                }
+                                let res = s.write_all_at(&kept, at);
+                                (h, res)
+                            })
+                            .await
+                            .map_err(|e| internal("hash task failed", e))?;
+                            hasher = h;
+                            match res {
+                                Ok(()) => {
+                                    written += len;
+                                    tx.send_modify(|p| p.written = written);
+                                }
+                                Err(e) => {
+                                    // Disk full or failing: keep serving the clients already
+                                    // here from memory; this blob will not be cached.
+                                    self.metrics.cache_write_errors.inc();
+                                    tracing::warn!(error = %e, at = written, "staging write failed; streaming the rest uncached");
+                                    tx.send_modify(|p| p.relay_from = Some(written));
+                                    // The batch was hashed already: relay it without hashing again.
+                                    held = relay_batch(relay, held.take(), written, batch);
+                                    written += len;
+                                    tx.send_modify(|p| p.written = written);
+                                }
+                            }
                         }
-                        let res = s.write_all_at(&batch, at);
-                        (h, res)
-                    })
-                    .await
-                    .map_err(|e| internal("hash task failed", e))?;
-                    hasher = h;
-                    res.map_err(|e| internal("cannot write staging file", e))?;
-                    written += len;
-                    tx.send_modify(|p| p.written = written);
+                        _ => {
+                            for b in &batch {
+                                hasher.update(b);
+                            }
+                            held = relay_batch(relay, held.take(), written, batch);
+                            written += len;
+                            tx.send_modify(|p| p.written = written);
+                        }
+                    }
                 }
                 if let Some(reason) = broke {
                     break Err(reason);
@@ -852,8 +929,27 @@ impl Cache {
                 format!("upstream {} sent bytes that do not match {digest}", upstream.name()),
             ));
         }
+        if let Some(last) = held {
+            // Nobody listening is fine: every reader may have gone.
+            let _ = relay.send(last);
+        }
         Ok(written)
     }
+}
+
+/// Queues `batch` (at `offset`) as the held-back batch and relays the previous one.
+fn relay_batch(
+    relay: &tokio::sync::broadcast::Sender<Relayed>,
+    previous: Option<Relayed>,
+    offset: u64,
+    batch: Vec<Bytes>,
+) -> Option<Relayed> {
+    if let Some(prev) = previous {
+        let _ = relay.send(prev);
+    }
+    let joined: Bytes =
+        if batch.len() == 1 { batch.into_iter().next().unwrap_or_default() } else { batch.concat().into() };
+    Some((offset, joined))
 }
 
 /// Attempts one piece of work may make: each upstream twice (a resume may return to the
@@ -915,35 +1011,88 @@ fn sniff_media_type(bytes: &[u8]) -> Option<String> {
 
 /// Streams `start..end` of an in-progress (or finished) fetch as the bytes become available.
 /// The final byte waits for the digest verdict; a failed fetch ends the stream with an error,
-/// which aborts the client's response instead of completing it.
-fn tail_stream(fetch: Arc<BlobFetch>, start: u64, end: Option<u64>) -> ByteStream {
+/// which aborts the client's response instead of completing it. When the disk refused the
+/// blob, the bytes past what reached the staging file come from the in-memory relay.
+fn tail_stream(
+    fetch: Arc<BlobFetch>,
+    relay: tokio::sync::broadcast::Receiver<Relayed>,
+    start: u64,
+    end: Option<u64>,
+) -> ByteStream {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     let rx = fetch.progress.clone();
-    stream::try_unfold((fetch, rx, start), move |(fetch, mut rx, pos)| async move {
+    stream::try_unfold((fetch, rx, relay, start), move |(fetch, mut rx, mut relay, pos)| async move {
         loop {
-            let (written, done) = {
+            let (written, done, relay_from) = {
                 let p = rx.borrow_and_update();
-                (p.written, p.done.clone())
+                (p.written, p.done.clone(), p.relay_from)
             };
             let verified = match done {
                 Some(Err(e)) => return Err(io::Error::other(e.message)),
                 Some(Ok(())) => true,
                 None => false,
             };
-            let readable = if verified { written } else { written.saturating_sub(1) };
-            let limit = end.map_or(readable, |e| e.min(readable));
+            if verified && pos >= end.unwrap_or(written) {
+                return Ok(None);
+            }
+            let file_limit = match relay_from {
+                Some(r) => r,
+                None if verified => written,
+                None => written.saturating_sub(1),
+            };
+            let limit = end.map_or(file_limit, |e| e.min(file_limit));
             if pos < limit {
+                let Some(staged) = fetch.staged.clone() else {
+                    return Err(io::Error::other("no staging file to read"));
+                };
                 let len = (limit - pos).min(READ_CHUNK as u64) as usize;
-                let staged = fetch.staged.clone();
                 let chunk =
                     tokio::task::spawn_blocking(move || staged.read_at(pos, len)).await.map_err(io::Error::other)??;
                 if chunk.is_empty() {
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "staging file shorter than published"));
                 }
                 let next = pos + chunk.len() as u64;
-                return Ok(Some((chunk, (fetch, rx, next))));
+                return Ok(Some((chunk, (fetch, rx, relay, next))));
             }
-            if verified && end.is_none_or(|e| pos >= e) {
-                return Ok(None);
+            if relay_from.is_some_and(|r| pos >= r) {
+                let msg = if verified {
+                    // Everything was relayed before the verdict: it is queued or lost.
+                    match relay.try_recv() {
+                        Ok(m) => Ok(m),
+                        Err(TryRecvError::Lagged(_)) => Err(RecvError::Lagged(0)),
+                        Err(_) => Err(RecvError::Closed),
+                    }
+                } else {
+                    tokio::select! {
+                        m = relay.recv() => m,
+                        changed = rx.changed() => {
+                            if changed.is_err() {
+                                return Err(io::Error::other("blob fetch ended without a verdict"));
+                            }
+                            continue;
+                        }
+                    }
+                };
+                let (off, bytes) = match msg {
+                    Ok(m) => m,
+                    Err(RecvError::Lagged(_)) => {
+                        return Err(io::Error::other("client too slow for an uncached (disk full) stream"))
+                    }
+                    Err(RecvError::Closed) => return Err(io::Error::other("relayed bytes missing")),
+                };
+                let chunk_end = off + bytes.len() as u64;
+                if chunk_end <= pos {
+                    continue;
+                }
+                if off > pos {
+                    return Err(io::Error::other("relayed bytes missing"));
+                }
+                let mut piece = bytes.slice((pos - off) as usize..);
+                if let Some(e) = end {
+                    piece.truncate(usize::try_from(e - pos).unwrap_or(usize::MAX));
+                }
+                let next = pos + piece.len() as u64;
+                return Ok(Some((piece, (fetch, rx, relay, next))));
             }
             if rx.changed().await.is_err() {
                 return Err(io::Error::other("blob fetch ended without a verdict"));

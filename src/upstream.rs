@@ -256,8 +256,8 @@ impl Upstream {
         let Ok(mut h) = self.health.lock() else { return };
         h.failures += 1;
         let was_probe = std::mem::take(&mut h.probing);
-        // Corrupt bytes are not a blip: stop asking that upstream at once.
-        let severe = *reason == Reason::DigestMismatch;
+        // Corrupt bytes are not a blip, and a 429 asks us to stay away: open at once.
+        let severe = matches!(reason, Reason::DigestMismatch | Reason::RateLimited(_));
         if h.failures >= self.cfg.failure_threshold || was_probe || severe {
             let mut open_for = h.backoff;
             if let Reason::RateLimited(Some(after)) = reason {

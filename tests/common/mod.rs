@@ -36,6 +36,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
+pub mod fault;
 pub mod token;
 
 /// How to get the external tools the end-to-end tests rely on.
@@ -1436,4 +1437,64 @@ fn listening_host(line: &str) -> Option<String> {
     let (_, port) = host.rsplit_once(':')?;
     port.parse::<u16>().ok().filter(|&p| p != 0)?;
     Some(host)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ferry configuration for tests
+// ---------------------------------------------------------------------------------------------
+
+/// One upstream entry of a test config: a URL plus extra `key: value` lines for that entry.
+#[derive(Clone, Debug)]
+pub struct UpstreamSpec {
+    url: String,
+    opts: Vec<String>,
+}
+
+/// An upstream entry for [`ferry_yaml`].
+pub fn upstream(url: impl Into<String>) -> UpstreamSpec {
+    UpstreamSpec { url: url.into(), opts: Vec::new() }
+}
+
+impl UpstreamSpec {
+    /// Adds one `key: value` line (e.g. `"first_byte_timeout: 1s"`) to this entry.
+    pub fn opt(mut self, line: &str) -> Self {
+        self.opts.push(line.to_string());
+        self
+    }
+}
+
+/// A Ferry config listening on a free loopback port, storing under `storage`, mirroring each
+/// `(registry, upstreams)` in order; `extra` is appended as top-level YAML (e.g. `cache:` keys).
+/// The first registry is the default one.
+pub fn ferry_yaml(storage: &Path, registries: &[(&str, Vec<UpstreamSpec>)], extra: &str) -> String {
+    let mut y = format!("listen: \"127.0.0.1:0\"\nstorage:\n  root: \"{}\"\nregistries:\n", storage.display());
+    for (name, ups) in registries {
+        let _ = writeln!(y, "  \"{name}\":\n    upstreams:");
+        for u in ups {
+            let _ = writeln!(y, "      - url: \"{}\"", u.url);
+            for o in &u.opts {
+                let _ = writeln!(y, "        {o}");
+            }
+        }
+    }
+    if let Some((first, _)) = registries.first() {
+        let _ = writeln!(y, "default_registry: \"{first}\"");
+    }
+    y.push_str(extra);
+    y
+}
+
+/// The value of one Prometheus sample from a `/metrics` page: `name{labels}` must match the
+/// start of the line exactly as Ferry renders it (labels sorted by name). Absent: 0.
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Ferry's `/metrics` page.
+pub fn scrape(ferry: &Ferry) -> String {
+    http_request("GET", &format!("{}/metrics", ferry.url()), &[]).expect("scrape /metrics").text()
 }
