@@ -27,6 +27,7 @@ use crate::registry::Route;
 use crate::storage::{ByteStream, Staged, Storage, READ_CHUNK};
 use crate::upstream::{error_chain, Answer, Exhausted, Pool, Reason, UpstreamRequest};
 
+pub mod admin;
 mod eviction;
 pub use eviction::Evictor;
 

@@ -28,6 +28,98 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Inspect and maintain the cache on disk (safe while Ferry runs).
+    Cache {
+        /// YAML configuration file (for storage.root and listen); defaults without it.
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Size, blobs, manifests, tags; hit counts from the running instance if it answers.
+    Stats {
+        /// Base URL of the running Ferry for hit counts (default: derived from `listen`).
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Re-hash every blob; quarantine mismatches; exit 1 if any was found.
+    Verify,
+    /// Remove the oldest blobs until the cache fits in SIZE (e.g. 100GiB).
+    Prune {
+        /// Target size.
+        #[arg(long)]
+        max_size: bytesize::ByteSize,
+    },
+}
+
+fn cache_command(config: &Config, action: CacheAction) -> Result<bool, String> {
+    use ferry::cache::admin;
+    let storage = ferry::storage::FsStorage::open(&config.storage.root)
+        .map_err(|e| format!("storage.root {}: {e}", config.storage.root.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        match action {
+            CacheAction::Stats { server } => {
+                let s = admin::stats(&storage).await.map_err(|e| e.to_string())?;
+                println!("root:       {}", config.storage.root.display());
+                println!("blobs:      {}", s.blobs);
+                println!("size:       {} ({} bytes)", bytesize::ByteSize(s.blob_bytes), s.blob_bytes);
+                println!("manifests:  {}", s.manifests);
+                println!("tags:       {}", s.tags);
+                let server = server.or_else(|| local_url(config));
+                match &server {
+                    Some(url) => match running_hit_counts(url).await {
+                        Some(lines) => {
+                            println!("hit counts (from {url}):");
+                            lines.iter().for_each(|l| println!("{l}"));
+                        }
+                        None => println!("hit counts: no running Ferry answered at {url}"),
+                    },
+                    None => println!("hit counts: pass --server URL of the running Ferry"),
+                }
+                Ok(true)
+            }
+            CacheAction::Verify => {
+                let v = admin::verify(&storage).await.map_err(|e| e.to_string())?;
+                println!("blobs verified: {}", v.good_blobs);
+                for d in &v.bad_blobs {
+                    println!("MISMATCH {d} (moved to {}/quarantine/)", config.storage.root.display());
+                }
+                for k in &v.bad_manifests {
+                    println!("BAD MANIFEST RECORD {k} (removed; refetched on the next pull)");
+                }
+                Ok(v.bad_blobs.is_empty() && v.bad_manifests.is_empty())
+            }
+            CacheAction::Prune { max_size } => {
+                let (n, bytes) = admin::prune(&storage, max_size.as_u64()).await.map_err(|e| e.to_string())?;
+                println!("removed {n} blobs, {}", bytesize::ByteSize(bytes));
+                Ok(true)
+            }
+        }
+    })
+}
+
+/// Where the instance configured by `config` answers locally (none for port 0).
+fn local_url(config: &Config) -> Option<String> {
+    let mut addr = config.listen_addr().ok()?;
+    if addr.port() == 0 {
+        return None;
+    }
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Some(format!("http://{addr}"))
+}
+
+/// `ferry_cache_requests_total` lines from the running instance at `url`, if it answers.
+async fn running_hit_counts(url: &str) -> Option<Vec<String>> {
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(2)).no_proxy().build().ok()?;
+    let page = client.get(format!("{}/metrics", url.trim_end_matches('/'))).send().await.ok()?.text().await.ok()?;
+    Some(page.lines().filter(|l| l.starts_with("ferry_cache_requests_total")).map(|l| format!("  {l}")).collect())
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ferry::config::ConfigError> {
@@ -51,6 +143,23 @@ fn init_logging(config: &Config) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Cache { config, action } => {
+            let config = match load(config.as_ref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("ferry: invalid configuration: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match cache_command(&config, action) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("ferry: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => match serde_saphyr::to_string(&c) {
                 Ok(yaml) => {

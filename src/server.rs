@@ -79,10 +79,13 @@ impl App {
     /// No upstream is contacted: Ferry starts and serves its cache with every upstream down.
     pub fn new(config: &Config) -> Result<Arc<App>, StartError> {
         let metrics = Arc::new(Metrics::new()?);
-        let storage: Arc<dyn Storage> = Arc::new(
-            FsStorage::open(&config.storage.root)
-                .map_err(|err| StartError::Storage { path: config.storage.root.display().to_string(), err })?,
-        );
+        let storage_err = |err| StartError::Storage { path: config.storage.root.display().to_string(), err };
+        let fs = FsStorage::open(&config.storage.root).map_err(storage_err)?;
+        let leftovers = fs.remove_staging_leftovers().map_err(storage_err)?;
+        if leftovers > 0 {
+            tracing::info!(leftovers, "removed unfinished staging files of a previous run");
+        }
+        let storage: Arc<dyn Storage> = Arc::new(fs);
         let mut pools = HashMap::new();
         for (name, reg) in &config.registries {
             pools.insert(name.clone(), Arc::new(Pool::new(name, reg, metrics.clone())?));

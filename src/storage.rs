@@ -42,6 +42,12 @@ pub trait Storage: Send + Sync + 'static {
     fn list_blobs(&self) -> BoxFuture<'_, io::Result<Vec<BlobInfo>>>;
     /// Removes a committed blob. Readers that already opened it keep reading.
     fn remove_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>>;
+    /// Moves a blob that failed verification out of the store, keeping it for inspection.
+    fn quarantine_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>>;
+    /// Removes a metadata object (absent is fine).
+    fn remove_object(&self, key: &str) -> BoxFuture<'_, io::Result<()>>;
+    /// Keys of the metadata objects under `prefix` (recursively).
+    fn list_objects(&self, prefix: &str) -> BoxFuture<'_, io::Result<Vec<String>>>;
 }
 
 /// One entry of the blob inventory.
@@ -128,6 +134,7 @@ pub fn file_stream(file: Arc<std::fs::File>, start: u64, end: u64) -> ByteStream
 /// root/blobs/sha256/ab/ab12…   committed blobs
 /// root/objects/…               metadata objects (manifest records, tags)
 /// root/tmp/                    staging; emptied at start-up
+/// root/quarantine/             blobs that failed `ferry cache verify`
 /// ```
 pub struct FsStorage {
     root: PathBuf,
@@ -135,17 +142,25 @@ pub struct FsStorage {
 }
 
 impl FsStorage {
-    /// Opens (creating if needed) a store under `root` and removes staging leftovers from a
-    /// previous run (a crash mid-fetch leaves only unverified temp files, never a visible blob).
+    /// Opens (creating if needed) a store under `root`.
     pub fn open(root: &Path) -> io::Result<FsStorage> {
-        for dir in ["blobs/sha256", "objects", "tmp"] {
+        for dir in ["blobs/sha256", "objects", "tmp", "quarantine"] {
             std::fs::create_dir_all(root.join(dir))?;
         }
-        for entry in std::fs::read_dir(root.join("tmp"))? {
-            let entry = entry?;
-            let _ = std::fs::remove_file(entry.path());
-        }
         Ok(FsStorage { root: root.to_owned(), counter: AtomicU64::new(0) })
+    }
+
+    /// Removes staging leftovers of a previous run: a crash mid-fetch leaves only unverified
+    /// temp files, never a visible blob. Only the serving process may call this (an admin
+    /// command running beside it would delete its fetches in progress).
+    pub fn remove_staging_leftovers(&self) -> io::Result<usize> {
+        let mut n = 0;
+        for entry in std::fs::read_dir(self.root.join("tmp"))? {
+            if std::fs::remove_file(entry?.path()).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Where a committed blob lives.
@@ -246,14 +261,56 @@ impl Storage for FsStorage {
         Box::pin(blocking(move || scan_blobs(&root)))
     }
 
-    fn remove_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>> {
-        let path = self.blob_path(digest);
+    fn remove_object(&self, key: &str) -> BoxFuture<'_, io::Result<()>> {
+        let path = self.object_path(key);
+        Box::pin(async move { remove_if_present(path?).await })
+    }
+
+    fn quarantine_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>> {
+        let from = self.blob_path(digest);
+        let to = self.root.join("quarantine").join(digest.hex());
+        Box::pin(blocking(move || std::fs::rename(from, to)))
+    }
+
+    fn list_objects(&self, prefix: &str) -> BoxFuture<'_, io::Result<Vec<String>>> {
+        let base = self.root.join("objects");
+        let start = self.object_path(prefix);
         Box::pin(async move {
-            match tokio::fs::remove_file(path).await {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            }
+            let start = start?;
+            blocking(move || {
+                let mut out = Vec::new();
+                let mut dirs = vec![start];
+                while let Some(dir) = dirs.pop() {
+                    let entries = match std::fs::read_dir(&dir) {
+                        Ok(e) => e,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e),
+                    };
+                    for entry in entries {
+                        let entry = entry?;
+                        if entry.file_type()?.is_dir() {
+                            dirs.push(entry.path());
+                        } else if let Ok(rel) = entry.path().strip_prefix(&base) {
+                            out.push(rel.to_string_lossy().into_owned());
+                        }
+                    }
+                }
+                out.sort();
+                Ok(out)
+            })
+            .await
         })
+    }
+
+    fn remove_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(remove_if_present(self.blob_path(digest)))
+    }
+}
+
+async fn remove_if_present(path: PathBuf) -> io::Result<()> {
+    match tokio::fs::remove_file(path).await {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -292,6 +349,8 @@ mod tests {
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
         std::fs::write(dir.join("tmp/leftover"), b"x").unwrap();
         let s = FsStorage::open(&dir).unwrap();
+        assert!(dir.join("tmp/leftover").exists(), "open alone never touches staging");
+        assert_eq!(s.remove_staging_leftovers().unwrap(), 1);
         assert!(!dir.join("tmp/leftover").exists(), "leftovers removed at start-up");
 
         let data = Bytes::from(vec![7u8; READ_CHUNK * 2 + 5]);
@@ -313,6 +372,9 @@ mod tests {
         s.remove_blob(&d).await.unwrap();
 
         s.put_object("a/b", b"hello".to_vec()).await.unwrap();
+        s.put_object("a/c/d", b"x".to_vec()).await.unwrap();
+        assert_eq!(s.list_objects("a").await.unwrap(), vec!["a/b".to_owned(), "a/c/d".to_owned()]);
+        assert!(s.list_objects("none").await.unwrap().is_empty());
         assert_eq!(s.get_object("a/b").await.unwrap().unwrap(), b"hello");
         assert!(s.get_object("a/../x").await.is_err());
         assert_eq!(s.get_object("nope").await.unwrap(), None);
