@@ -12,12 +12,15 @@ declare -A needs=(
   [skopeo]=skopeo
   [htpasswd]=apache2-utils
   [openssl]=openssl
+  [containerd]=containerd
+  [ctr]=containerd
 )
 missing=()
 for cmd in "${!needs[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${needs[$cmd]}")
 done
 if ((${#missing[@]})); then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   echo "test.sh: installing missing packages: ${missing[*]}" >&2
   if [[ $(id -u) -eq 0 ]]; then
     apt-get update -qq
