@@ -47,6 +47,21 @@ pub struct Config {
     pub default_registry: String,
     /// Logging.
     pub log: LogConfig,
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) with these PEM files; plain HTTP without.
+    pub tls: Option<TlsConfig>,
+    /// After SIGTERM/SIGINT, how long in-flight responses may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// `tls:` — the listener's certificate. Both files are re-read on SIGHUP.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 impl Default for Config {
@@ -68,6 +83,8 @@ impl Default for Config {
             registries,
             default_registry: "docker.io".to_owned(),
             log: LogConfig::default(),
+            tls: None,
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -163,6 +180,10 @@ pub struct UpstreamConfig {
     /// Longest open period.
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// Extra PEM CA certificates to trust for this upstream (a private registry's CA).
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate from this upstream. Dangerous; logged loudly at start-up.
+    pub insecure_skip_verify: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -179,6 +200,8 @@ impl Default for UpstreamConfig {
             failure_threshold: 2,
             backoff: Duration::from_secs(5),
             max_backoff: Duration::from_secs(300),
+            ca_file: None,
+            insecure_skip_verify: false,
         }
     }
 }
@@ -225,15 +248,44 @@ impl Default for LogConfig {
 }
 
 impl Config {
-    /// Reads, parses and validates a YAML file.
+    /// Reads, parses and validates a YAML file, applying environment overrides for secrets.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
-        Config::from_yaml(&text)
+        let mut config = Config::parse(&text)?;
+        config.apply_env(|k| std::env::var(k).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Credentials from the environment, so secrets stay out of config files and ConfigMaps:
+    /// `FERRY_<REGISTRY>_<N>_USERNAME` and `FERRY_<REGISTRY>_<N>_PASSWORD` for upstream N
+    /// (from 0) of a registry, the name upper-cased with every other character as `_`
+    /// (`FERRY_DOCKER_IO_0_PASSWORD`).
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        for (name, reg) in self.registries.iter_mut() {
+            let reg_key: String =
+                name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+            for (i, up) in reg.upstreams.iter_mut().enumerate() {
+                if let Some(u) = var(&format!("FERRY_{reg_key}_{i}_USERNAME")) {
+                    up.username = Some(u);
+                }
+                if let Some(p) = var(&format!("FERRY_{reg_key}_{i}_PASSWORD")) {
+                    up.password = Some(p);
+                    up.password_file = None;
+                }
+            }
+        }
     }
 
     /// Parses and validates YAML text.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let config = Config::parse(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
         let value: serde_json::Value =
             serde_saphyr::from_str(text).map_err(|e| ConfigError::new("(yaml)", e.to_string()))?;
         let value = match value {
@@ -245,7 +297,6 @@ impl Config {
             let path = e.path().to_string();
             ConfigError::new(if path == "." { "(root)".to_owned() } else { path }, e.into_inner().to_string())
         })?;
-        config.validate()?;
         Ok(config)
     }
 
@@ -288,6 +339,13 @@ impl Config {
             }
             for (i, up) in reg.upstreams.iter().enumerate() {
                 up.validate(&format!("{at}.upstreams[{i}]"))?;
+            }
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if let Err(e) = std::fs::metadata(path) {
+                    return Err(ConfigError::new(key, format!("{}: {e}", path.display())));
+                }
             }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
@@ -412,6 +470,23 @@ mod tests {
                 panic!("{name}: {e}");
             }
         }
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment() {
+        let mut c = Config::from_yaml(
+            "registries:\n  docker.io:\n    upstreams:\n      - url: http://a\n      - url: http://b\n",
+        )
+        .unwrap();
+        c.apply_env(|k| match k {
+            "FERRY_DOCKER_IO_1_USERNAME" => Some("bot".into()),
+            "FERRY_DOCKER_IO_1_PASSWORD" => Some("s3cret".into()),
+            _ => None,
+        });
+        let ups = &c.registries["docker.io"].upstreams;
+        assert_eq!((ups[0].username.as_deref(), ups[0].password.as_deref()), (None, None));
+        assert_eq!((ups[1].username.as_deref(), ups[1].password.as_deref()), (Some("bot"), Some("s3cret")));
+        c.validate().unwrap();
     }
 
     #[test]

@@ -180,6 +180,14 @@ pub enum BuildError {
         /// Cause.
         err: std::io::Error,
     },
+    /// The CA file could not be read or parsed.
+    #[error("{at}.ca_file: {err}")]
+    CaFile {
+        /// Key path.
+        at: String,
+        /// Cause.
+        err: String,
+    },
     /// The HTTP client could not be built.
     #[error("{at}: cannot build HTTP client: {err}")]
     Client {
@@ -194,14 +202,27 @@ impl Upstream {
     fn new(at: &str, cfg: &UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, BuildError> {
         let password = cfg.resolve_password().map_err(|err| BuildError::PasswordFile { at: at.to_owned(), err })?;
         let credentials = cfg.username.clone().zip(password);
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .read_timeout(cfg.idle_timeout)
             .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
             // Proxies from the environment would silently reroute a gateway's traffic.
-            .no_proxy()
-            .build()
-            .map_err(|err| BuildError::Client { at: at.to_owned(), err })?;
+            .no_proxy();
+        if let Some(ca) = &cfg.ca_file {
+            let ca_err = |err: String| BuildError::CaFile { at: at.to_owned(), err };
+            let pem = std::fs::read(ca).map_err(|e| ca_err(format!("{}: {e}", ca.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?;
+            builder = builder.tls_certs_merge(certs);
+        }
+        if cfg.insecure_skip_verify {
+            tracing::warn!(
+                upstream = %cfg.url,
+                "INSECURE: insecure_skip_verify is set; this upstream's TLS certificate is NOT verified, \
+                 anyone on the path can serve you any image (digests still protect content fetched by digest)"
+            );
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        let client = builder.build().map_err(|err| BuildError::Client { at: at.to_owned(), err })?;
         let base = cfg.url.trim_end_matches('/').to_owned();
         metrics.upstream_up.with_label_values(&[&base]).set(1);
         Ok(Upstream {

@@ -1426,10 +1426,12 @@ fn spawn_reader(stream: Option<ReaderStream>, log: &Arc<LogBuffer>, tx: &mpsc::S
     });
 }
 
-/// Extracts `HOST:PORT` from a line containing `listening on http://HOST:PORT`.
+/// Extracts `HOST:PORT` from a line containing `listening on http://HOST:PORT` (or `https://`,
+/// when the test configured TLS and builds its own `https://` URLs from [`Ferry::host`]).
 fn listening_host(line: &str) -> Option<String> {
-    const MARKER: &str = "listening on http://";
-    let start = line.find(MARKER)? + MARKER.len();
+    let (i, marker) =
+        ["listening on http://", "listening on https://"].into_iter().find_map(|m| line.find(m).map(|i| (i, m)))?;
+    let start = i + marker.len();
     let host: String = line[start..]
         .chars()
         .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']' | '-'))
