@@ -587,12 +587,7 @@ impl Cache {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        Ok(BlobAnswer {
-            size,
-            range: None,
-            body: None,
-            source: Source::Upstream(answer.upstream.name().to_owned()),
-        })
+        Ok(BlobAnswer { size, range: None, body: None, source: Source::Upstream(answer.upstream.name().to_owned()) })
     }
 
     async fn fetch_blob(

@@ -139,13 +139,17 @@ fn manifest_and_blob_headers_match_the_upstream_and_ranges_work() {
 
     for (tag, accept) in [("v1", OCI_MANIFEST), ("docker", DOCKER_V2)] {
         let accept_all = format!("{accept}, {OCI_INDEX}, {DOCKER_LIST}");
-        let direct =
-            http_request("GET", &format!("{}/v2/library/hdr/manifests/{tag}", upstream.url()), &[("Accept", &accept_all)])
-                .unwrap();
+        let direct = http_request(
+            "GET",
+            &format!("{}/v2/library/hdr/manifests/{tag}", upstream.url()),
+            &[("Accept", &accept_all)],
+        )
+        .unwrap();
         assert_eq!(direct.status, 200);
         for method in ["GET", "HEAD"] {
-            let via = http_request(method, &format!("{}/v2/hdr/manifests/{tag}", ferry.url()), &[("Accept", &accept_all)])
-                .unwrap();
+            let via =
+                http_request(method, &format!("{}/v2/hdr/manifests/{tag}", ferry.url()), &[("Accept", &accept_all)])
+                    .unwrap();
             assert_eq!(via.status, 200, "{method} {tag}: {}", via.text());
             for h in ["content-type", "docker-content-digest", "content-length"] {
                 assert_eq!(via.header(h), direct.header(h), "{method} {tag}: header {h}");
