@@ -38,6 +38,13 @@ pub trait Storage: Send + Sync + 'static {
     fn get_object(&self, key: &str) -> BoxFuture<'_, io::Result<Option<Vec<u8>>>>;
     /// Atomically writes a small metadata object.
     fn put_object(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>>;
+    /// Every object key under `prefix` (a "directory" ending in `/`), at any depth, sorted.
+    /// Hosted namespaces list tags, repositories and links with it (an S3 prefix listing).
+    fn list_objects(&self, prefix: &str) -> BoxFuture<'_, io::Result<Vec<String>>>;
+    /// Removes a metadata object; `false` if there was none.
+    fn delete_object(&self, key: &str) -> BoxFuture<'_, io::Result<bool>>;
+    /// Removes a committed blob; `false` if there was none. Readers holding it open finish.
+    fn delete_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<bool>>;
 }
 
 /// A staging file. Positional reads and writes let one writer and many readers share it without
@@ -55,6 +62,11 @@ impl Staged {
             offset += b.len() as u64;
         }
         Ok(())
+    }
+
+    /// Cuts the file to `len` bytes (blocking): an upload drops bytes past what it verified.
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
     }
 
     /// Reads up to `len` bytes at `offset` (blocking: call from `spawn_blocking`).
@@ -225,6 +237,48 @@ impl Storage for FsStorage {
             .await
         })
     }
+
+    fn list_objects(&self, prefix: &str) -> BoxFuture<'_, io::Result<Vec<String>>> {
+        let base = prefix.strip_suffix('/').map(|p| self.object_path(p));
+        let prefix = prefix.to_owned();
+        Box::pin(async move {
+            let base = base.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "prefix must end with /"))??;
+            blocking(move || {
+                let mut keys = Vec::new();
+                let mut dirs = vec![(base, prefix)];
+                while let Some((dir, key)) = dirs.pop() {
+                    let entries = match std::fs::read_dir(&dir) {
+                        Ok(e) => e,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e),
+                    };
+                    for entry in entries {
+                        let entry = entry?;
+                        // Object keys are UTF-8 (built by Ferry); anything else is not ours.
+                        let Ok(name) = entry.file_name().into_string() else { continue };
+                        if entry.file_type()?.is_dir() {
+                            dirs.push((entry.path(), format!("{key}{name}/")));
+                        } else {
+                            keys.push(format!("{key}{name}"));
+                        }
+                    }
+                }
+                keys.sort();
+                Ok(keys)
+            })
+            .await
+        })
+    }
+
+    fn delete_object(&self, key: &str) -> BoxFuture<'_, io::Result<bool>> {
+        let path = self.object_path(key);
+        Box::pin(async move { not_found_is_none(tokio::fs::remove_file(path?).await).map(|r| r.is_some()) })
+    }
+
+    fn delete_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<bool>> {
+        let path = self.blob_path(digest);
+        Box::pin(async move { not_found_is_none(tokio::fs::remove_file(path).await).map(|r| r.is_some()) })
+    }
 }
 
 #[cfg(test)]
@@ -257,6 +311,13 @@ mod tests {
         assert_eq!(s.get_object("a/b").await.unwrap().unwrap(), b"hello");
         assert!(s.get_object("a/../x").await.is_err());
         assert_eq!(s.get_object("nope").await.unwrap(), None);
+        s.put_object("a/c/d", b"x".to_vec()).await.unwrap();
+        assert_eq!(s.list_objects("a/").await.unwrap(), ["a/b", "a/c/d"]);
+        assert_eq!(s.list_objects("none/").await.unwrap(), Vec::<String>::new());
+        assert!(s.delete_object("a/b").await.unwrap());
+        assert!(!s.delete_object("a/b").await.unwrap());
+        assert!(s.delete_blob(&d).await.unwrap());
+        assert_eq!(s.blob_size(&d).await.unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
