@@ -1,4 +1,4 @@
-//! The `ferry` command: `serve`, `check-config`, `--version`.
+//! The `ferry` command: `serve`, `check-config`, `gc`, `--version`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +21,19 @@ enum Command {
         /// YAML configuration file (see config.example.yml).
         #[arg(long, short)]
         config: Option<PathBuf>,
+    },
+    /// Delete hosted blobs and manifests that no manifest of a hosted repository references.
+    /// Run it when pushes are quiet; content younger than --grace is always kept.
+    Gc {
+        /// YAML configuration file (its storage.root is collected).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Keep unreferenced content younger than this (a push may be in progress).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
+        /// Only report what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Validate a configuration file and print the effective configuration (secrets redacted).
     CheckConfig {
@@ -140,6 +153,48 @@ fn init_logging(config: &Config) {
     }
 }
 
+fn gc(config: &std::path::Path, grace: std::time::Duration, dry_run: bool) -> ExitCode {
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ferry: {}: invalid configuration: {e}", config.display());
+            return ExitCode::from(2);
+        }
+    };
+    let result = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
+        let storage = ferry::storage::FsStorage::open(&config.storage.root)?;
+        rt.block_on(ferry::hosted::gc(&storage, grace, dry_run))
+    });
+    match result {
+        Ok(report) => {
+            let verb = if dry_run { "would remove" } else { "removed" };
+            let mut bytes = 0;
+            for (digest, size) in &report.removed_blobs {
+                println!("{verb} blob {digest} ({size} bytes)");
+                bytes += size;
+            }
+            for digest in &report.removed_manifests {
+                println!("{verb} manifest {digest}");
+            }
+            for digest in &report.released_shared {
+                println!("released {digest} (bytes shared with the cache stay)");
+            }
+            println!(
+                "gc: {verb} {} blobs ({bytes} bytes) and {} manifests; kept {} referenced, {} younger than the grace period",
+                report.removed_blobs.len(),
+                report.removed_manifests.len(),
+                report.kept,
+                report.young
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ferry: gc failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -177,6 +232,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Gc { config, grace, dry_run } => gc(&config, grace, dry_run),
         Command::Serve { config: path } => {
             let config = match load(path.as_ref()) {
                 Ok(c) => c,

@@ -22,9 +22,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::auth::{Auth, Identity, CHALLENGE};
 use crate::cache::{accept_list, BlobAnswer, ByteRange, Cache, Source};
 use crate::config::Config;
 use crate::distribution::{Digest, ErrorCode, ProtocolError, Reference};
+use crate::hosted::{Hosted, HostedRequest, Op, Reply, ReplyBody};
 use crate::metrics::Metrics;
 use crate::registry::Router;
 use crate::storage::{FsStorage, Storage};
@@ -42,6 +44,10 @@ pub struct App {
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     storage_root: std::path::PathBuf,
+    /// Client credentials (when `hosted.htpasswd` is set).
+    auth: Option<Arc<Auth>>,
+    /// Private namespaces (when `hosted.namespaces` is not empty).
+    hosted: Option<Arc<Hosted>>,
 }
 
 /// A start-up failure.
@@ -72,6 +78,9 @@ pub enum StartError {
     /// Configuration problem.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The htpasswd file could not be loaded.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
 }
 
 impl App {
@@ -90,6 +99,18 @@ impl App {
         for (name, reg) in &config.registries {
             pools.insert(name.clone(), Arc::new(Pool::new(name, reg, metrics.clone())?));
         }
+        let auth = Auth::from_config(&config.hosted)?.map(Arc::new);
+        let hosted = match &auth {
+            Some(auth) if !config.hosted.namespaces.is_empty() => {
+                let hosted = Hosted::new(storage.clone(), auth.clone(), config.hosted.clone());
+                // Abandoned uploads are purged in the background (when there is a runtime).
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(hosted.clone().purge_uploads_forever());
+                }
+                Some(hosted)
+            }
+            _ => None,
+        };
         let max_size = config.storage.max_size.map(|s| s.as_u64());
         let cache = Cache::new(storage, pools, config.cache.clone(), max_size, metrics.clone());
         Ok(Arc::new(App {
@@ -97,6 +118,8 @@ impl App {
             cache,
             metrics,
             storage_root: config.storage.root.clone(),
+            auth,
+            hosted,
         }))
     }
 
@@ -106,7 +129,7 @@ impl App {
         let method = req.method().clone();
         let req_is_head = method == Method::HEAD;
         let path = req.uri().path().to_owned();
-        let (route, result) = self.dispatch(&req).await;
+        let (route, result) = self.dispatch(req, client).await;
         let (mut resp, source) = match result {
             Ok(ok) => ok,
             Err(e) => (error_response(&e, method == Method::HEAD), None),
@@ -136,14 +159,35 @@ impl App {
 
     async fn dispatch(
         &self,
-        req: &Request<Incoming>,
+        req: Request<Incoming>,
+        client: SocketAddr,
     ) -> (&'static str, Result<(Response<Body>, Option<Source>), ProtocolError>) {
+        let (parts, body) = req.into_parts();
+        let req = Request::from_parts(parts, ());
         let path = req.uri().path();
         let method = req.method();
         let read_only = method == Method::GET || method == Method::HEAD;
+        let who = match (&self.auth, path.starts_with("/v2")) {
+            (Some(auth), true) => match auth.authenticate(req.headers(), client).await {
+                Ok(who) => who,
+                Err(e) => return ("other", Err(e)),
+            },
+            _ => Identity::Anonymous,
+        };
         match path {
+            // With credentials configured, an anonymous ping gets the challenge: Docker and
+            // containers/image send Basic credentials only to registries that asked at /v2/.
+            // Anonymous pulls of proxied images still work (clients treat this 401 as a hint).
+            "/v2" | "/v2/" if read_only && self.auth.is_some() && who == Identity::Anonymous => {
+                return ("other", Err(crate::auth::unauthorized("authentication required")));
+            }
             "/v2" | "/v2/" if read_only => {
                 return ("other", Ok((json_response(StatusCode::OK, "{}", method == Method::HEAD), None)));
+            }
+            "/v2/_catalog" if read_only && self.hosted.is_some() => {
+                let Some(hosted) = &self.hosted else { return ("other", Err(no_endpoint(path))) };
+                let reply = hosted.catalog(&who, req.uri().query(), method == Method::HEAD).await;
+                return ("other", reply.map(|r| (reply_response(r), None)));
             }
             "/healthz" => return ("other", Ok((text_response(StatusCode::OK, "ok\n"), None))),
             "/readyz" => return ("other", Ok((self.readiness().await, None))),
@@ -156,18 +200,43 @@ impl App {
             _ => {}
         }
         let Some(api) = path.strip_prefix("/v2/").and_then(split_api) else {
-            return ("other", Err(ProtocolError::new(ErrorCode::NameUnknown, format!("no such endpoint: {path}"))));
+            return ("other", Err(no_endpoint(path)));
         };
-        let ns = query_param(req.uri().query(), "ns");
         let route_label = api.endpoint.label();
+        if let Some(hosted) = self.hosted.as_ref().filter(|h| h.is_hosted(api.name)) {
+            let op = match api.endpoint {
+                Endpoint::Manifest(r) => Op::Manifest(r),
+                Endpoint::Blob(d) => Op::Blob(d),
+                Endpoint::Uploads(id) => Op::Upload(id),
+                Endpoint::Tags => Op::Tags,
+                Endpoint::Referrers(d) => Op::Referrers(d),
+            };
+            let body: crate::storage::ByteStream = Box::pin(body.into_data_stream().map_err(io::Error::other));
+            let hosted_req = HostedRequest {
+                method,
+                name: api.name,
+                op,
+                query: req.uri().query(),
+                headers: req.headers(),
+                who: &who,
+                body,
+            };
+            return (route_label, hosted.handle(hosted_req).await.map(|r| (reply_response(r), None)));
+        }
+        let ns = query_param(req.uri().query(), "ns");
         let result = async {
+            if let Some(auth) = &self.auth {
+                auth.check_proxied(&who)?;
+            }
             let route = self.router.route(api.name, ns.as_deref())?;
             if !read_only {
                 return Err(ProtocolError::new(
                     ErrorCode::Unsupported,
                     format!(
-                        "{} is a read-only mirror of {}: pushes and deletes are not accepted here",
-                        api.name, route.registry
+                        "{} is a read-only mirror of {}: pushes and deletes are not accepted here{}",
+                        api.name,
+                        route.registry,
+                        self.push_hint()
                     ),
                 ));
             }
@@ -196,9 +265,14 @@ impl App {
                     let source = answer.source.clone();
                     Ok((blob_response(&digest, answer)?, Some(source)))
                 }
-                Endpoint::Uploads => Err(ProtocolError::new(
+                Endpoint::Uploads(_) => Err(ProtocolError::new(
                     ErrorCode::Unsupported,
-                    format!("{} is a read-only mirror of {}: pushes are not accepted here", api.name, route.registry),
+                    format!(
+                        "{} is a read-only mirror of {}: pushes are not accepted here{}",
+                        api.name,
+                        route.registry,
+                        self.push_hint()
+                    ),
                 )),
                 Endpoint::Tags | Endpoint::Referrers(_) => Err(ProtocolError::new(
                     ErrorCode::Unsupported,
@@ -208,6 +282,14 @@ impl App {
         }
         .await;
         (route_label, result)
+    }
+
+    /// Where pushes do go, for the refusal message of a proxied namespace.
+    fn push_hint(&self) -> String {
+        match &self.hosted {
+            Some(h) => format!("; pushes are accepted under {}", h.namespaces().join("/, ") + "/"),
+            None => String::new(),
+        }
     }
 
     async fn readiness(&self) -> Response<Body> {
@@ -227,7 +309,8 @@ impl App {
 enum Endpoint<'a> {
     Manifest(&'a str),
     Blob(&'a str),
-    Uploads,
+    /// The upload session id after `/blobs/uploads/` (empty when starting one).
+    Uploads(&'a str),
     Tags,
     Referrers(&'a str),
 }
@@ -237,7 +320,7 @@ impl Endpoint<'_> {
         match self {
             Endpoint::Manifest(_) => "manifest",
             Endpoint::Blob(_) => "blob",
-            Endpoint::Uploads => "upload",
+            Endpoint::Uploads(_) => "upload",
             Endpoint::Tags => "tags",
             Endpoint::Referrers(_) => "other",
         }
@@ -259,7 +342,8 @@ fn split_api(rest: &str) -> Option<Api<'_>> {
     if let Some(i) = rest.find("/blobs/uploads") {
         let tail = &rest[i + "/blobs/uploads".len()..];
         if tail.is_empty() || tail.starts_with('/') {
-            return Some(Api { name: &rest[..i], endpoint: Endpoint::Uploads });
+            let id = tail.strip_prefix('/').unwrap_or(tail);
+            return Some(Api { name: &rest[..i], endpoint: Endpoint::Uploads(id) });
         }
     }
     let (i, marker) = ["/manifests/", "/blobs/", "/referrers/"]
@@ -312,6 +396,26 @@ fn error_response(e: &ProtocolError, head: bool) -> Response<Body> {
     *r.status_mut() = e.code.status();
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if e.code == ErrorCode::Unauthorized {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(CHALLENGE));
+    }
+    r
+}
+
+fn no_endpoint(path: &str) -> ProtocolError {
+    ProtocolError::new(ErrorCode::NameUnknown, format!("no such endpoint: {path}"))
+}
+
+/// A hosted answer in hyper's types.
+fn reply_response(reply: Reply) -> Response<Body> {
+    let body = match reply.body {
+        ReplyBody::Empty => empty(),
+        ReplyBody::Bytes(b) => full(b),
+        ReplyBody::Stream(s) => StreamBody::new(s.map_ok(Frame::data)).boxed_unsync(),
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = reply.status;
+    *r.headers_mut() = reply.headers;
     r
 }
 
@@ -548,8 +652,9 @@ mod tests {
         );
         assert_eq!(
             split_api("x/manifests/y/blobs/uploads/"),
-            Some(Api { name: "x/manifests/y", endpoint: Endpoint::Uploads })
+            Some(Api { name: "x/manifests/y", endpoint: Endpoint::Uploads("") })
         );
+        assert_eq!(split_api("a/blobs/uploads/abc").map(|a| a.endpoint), Some(Endpoint::Uploads("abc")));
         assert_eq!(split_api("a/tags/list").map(|a| a.endpoint), Some(Endpoint::Tags));
         assert_eq!(split_api("a/manifests/"), None);
         assert_eq!(split_api("a/manifests/x/y"), None);

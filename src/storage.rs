@@ -40,14 +40,15 @@ pub trait Storage: Send + Sync + 'static {
     fn put_object(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>>;
     /// Every committed blob with its size and last-modified time (the start-up inventory).
     fn list_blobs(&self) -> BoxFuture<'_, io::Result<Vec<BlobInfo>>>;
-    /// Removes a committed blob. Readers that already opened it keep reading.
-    fn remove_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>>;
     /// Moves a blob that failed verification out of the store, keeping it for inspection.
     fn quarantine_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>>;
-    /// Removes a metadata object (absent is fine).
-    fn remove_object(&self, key: &str) -> BoxFuture<'_, io::Result<()>>;
-    /// Keys of the metadata objects under `prefix` (recursively).
+    /// Every object key under `prefix` (a "directory" ending in `/`), at any depth, sorted.
+    /// Hosted namespaces list tags, repositories and links with it (an S3 prefix listing).
     fn list_objects(&self, prefix: &str) -> BoxFuture<'_, io::Result<Vec<String>>>;
+    /// Removes a metadata object; `false` if there was none.
+    fn delete_object(&self, key: &str) -> BoxFuture<'_, io::Result<bool>>;
+    /// Removes a committed blob; `false` if there was none. Readers holding it open finish.
+    fn delete_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<bool>>;
 }
 
 /// One entry of the blob inventory.
@@ -76,6 +77,11 @@ impl Staged {
             offset += b.len() as u64;
         }
         Ok(())
+    }
+
+    /// Cuts the file to `len` bytes (blocking): an upload drops bytes past what it verified.
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
     }
 
     /// Reads up to `len` bytes at `offset` (blocking: call from `spawn_blocking`).
@@ -261,11 +267,6 @@ impl Storage for FsStorage {
         Box::pin(blocking(move || scan_blobs(&root)))
     }
 
-    fn remove_object(&self, key: &str) -> BoxFuture<'_, io::Result<()>> {
-        let path = self.object_path(key);
-        Box::pin(async move { remove_if_present(path?).await })
-    }
-
     fn quarantine_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>> {
         let from = self.blob_path(digest);
         let to = self.root.join("quarantine").join(digest.hex());
@@ -273,14 +274,14 @@ impl Storage for FsStorage {
     }
 
     fn list_objects(&self, prefix: &str) -> BoxFuture<'_, io::Result<Vec<String>>> {
-        let base = self.root.join("objects");
-        let start = self.object_path(prefix);
+        let base = prefix.strip_suffix('/').map(|p| self.object_path(p));
+        let prefix = prefix.to_owned();
         Box::pin(async move {
-            let start = start?;
+            let base = base.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "prefix must end with /"))??;
             blocking(move || {
-                let mut out = Vec::new();
-                let mut dirs = vec![start];
-                while let Some(dir) = dirs.pop() {
+                let mut keys = Vec::new();
+                let mut dirs = vec![(base, prefix)];
+                while let Some((dir, key)) = dirs.pop() {
                     let entries = match std::fs::read_dir(&dir) {
                         Ok(e) => e,
                         Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -288,29 +289,30 @@ impl Storage for FsStorage {
                     };
                     for entry in entries {
                         let entry = entry?;
+                        // Object keys are UTF-8 (built by Ferry); anything else is not ours.
+                        let Ok(name) = entry.file_name().into_string() else { continue };
                         if entry.file_type()?.is_dir() {
-                            dirs.push(entry.path());
-                        } else if let Ok(rel) = entry.path().strip_prefix(&base) {
-                            out.push(rel.to_string_lossy().into_owned());
+                            dirs.push((entry.path(), format!("{key}{name}/")));
+                        } else {
+                            keys.push(format!("{key}{name}"));
                         }
                     }
                 }
-                out.sort();
-                Ok(out)
+                keys.sort();
+                Ok(keys)
             })
             .await
         })
     }
 
-    fn remove_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>> {
-        Box::pin(remove_if_present(self.blob_path(digest)))
+    fn delete_object(&self, key: &str) -> BoxFuture<'_, io::Result<bool>> {
+        let path = self.object_path(key);
+        Box::pin(async move { not_found_is_none(tokio::fs::remove_file(path?).await).map(|r| r.is_some()) })
     }
-}
 
-async fn remove_if_present(path: PathBuf) -> io::Result<()> {
-    match tokio::fs::remove_file(path).await {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+    fn delete_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<bool>> {
+        let path = self.blob_path(digest);
+        Box::pin(async move { not_found_is_none(tokio::fs::remove_file(path).await).map(|r| r.is_some()) })
     }
 }
 
@@ -367,17 +369,18 @@ mod tests {
             s.read_blob(&d, 3, data.len() as u64).await.unwrap().unwrap().try_collect().await.unwrap();
         assert_eq!(got.concat(), data[3..]);
         assert_eq!(std::fs::read_dir(dir.join("tmp")).unwrap().count(), 0, "nothing left in tmp");
-        s.remove_blob(&d).await.unwrap();
-        assert_eq!(s.blob_size(&d).await.unwrap(), None);
-        s.remove_blob(&d).await.unwrap();
 
         s.put_object("a/b", b"hello".to_vec()).await.unwrap();
-        s.put_object("a/c/d", b"x".to_vec()).await.unwrap();
-        assert_eq!(s.list_objects("a").await.unwrap(), vec!["a/b".to_owned(), "a/c/d".to_owned()]);
-        assert!(s.list_objects("none").await.unwrap().is_empty());
         assert_eq!(s.get_object("a/b").await.unwrap().unwrap(), b"hello");
         assert!(s.get_object("a/../x").await.is_err());
         assert_eq!(s.get_object("nope").await.unwrap(), None);
+        s.put_object("a/c/d", b"x".to_vec()).await.unwrap();
+        assert_eq!(s.list_objects("a/").await.unwrap(), ["a/b", "a/c/d"]);
+        assert_eq!(s.list_objects("none/").await.unwrap(), Vec::<String>::new());
+        assert!(s.delete_object("a/b").await.unwrap());
+        assert!(!s.delete_object("a/b").await.unwrap());
+        assert!(s.delete_blob(&d).await.unwrap());
+        assert_eq!(s.blob_size(&d).await.unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

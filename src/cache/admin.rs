@@ -29,8 +29,8 @@ pub async fn stats(storage: &dyn Storage) -> io::Result<Stats> {
     Ok(Stats {
         blobs: blobs.len(),
         blob_bytes: blobs.iter().map(|b| b.size).sum(),
-        manifests: storage.list_objects("manifests").await?.len(),
-        tags: storage.list_objects("tags").await?.len(),
+        manifests: storage.list_objects("manifests/").await?.len(),
+        tags: storage.list_objects("tags/").await?.len(),
     })
 }
 
@@ -72,7 +72,7 @@ pub async fn verify(storage: &dyn Storage) -> io::Result<Verified> {
             out.good_blobs += 1;
         }
     }
-    for key in storage.list_objects("manifests/sha256").await? {
+    for key in storage.list_objects("manifests/sha256/").await? {
         let hex = key.rsplit('/').next().unwrap_or_default();
         let valid = match (Digest::parse(&format!("sha256:{hex}")), storage.get_object(&key).await?) {
             (Ok(d), Some(record)) => Manifest::decode(&d, record).is_some(),
@@ -80,7 +80,7 @@ pub async fn verify(storage: &dyn Storage) -> io::Result<Verified> {
         };
         if !valid {
             // A bad record is simply refetched on the next pull; keeping it would only mislead.
-            storage.remove_object(&key).await?;
+            storage.delete_object(&key).await?;
             out.bad_manifests.push(key);
         }
     }
@@ -97,7 +97,7 @@ pub async fn prune(storage: &dyn Storage, max: u64) -> io::Result<(usize, u64)> 
         if total <= max {
             break;
         }
-        storage.remove_blob(&b.digest).await?;
+        storage.delete_blob(&b.digest).await?;
         total -= b.size;
         freed += b.size;
         removed += 1;

@@ -43,13 +43,21 @@ impl Evictor {
 
     /// Loads the blobs already on disk (call once, in the background, at start-up).
     pub async fn scan(&self) {
-        let mut blobs = match self.storage.list_blobs().await {
+        let blobs = match self.storage.list_blobs().await {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list cached blobs; eviction starts from an empty inventory");
                 return;
             }
         };
+        // Pushed (hosted) content is not cache: it is neither counted nor ever evicted.
+        let mut cached = Vec::with_capacity(blobs.len());
+        for b in blobs {
+            if !matches!(crate::hosted::is_hosted_blob(&*self.storage, &b.digest).await, Ok(true)) {
+                cached.push(b);
+            }
+        }
+        let mut blobs = cached;
         // Newest first: each one is pushed to the least-recent end, so the oldest ends up
         // evicted first. Blobs committed while the scan ran are already listed (as the most
         // recent) and are left where they are.
@@ -109,8 +117,13 @@ impl Evictor {
                     None => return,
                 }
             };
-            match self.storage.remove_blob(&victim.0).await {
-                Ok(()) => {
+            // A cached blob that a push has since referenced became hosted content: it leaves
+            // the cache's accounting but stays on disk.
+            if matches!(crate::hosted::is_hosted_blob(&*self.storage, &victim.0).await, Ok(true)) {
+                continue;
+            }
+            match self.storage.delete_blob(&victim.0).await {
+                Ok(_) => {
                     self.metrics.cache_evictions.inc();
                     tracing::debug!(digest = %victim.0, size = victim.1, "evicted");
                 }

@@ -1,0 +1,306 @@
+//! Client credentials and who may do what where.
+//!
+//! Clients authenticate with HTTP Basic against an htpasswd file of bcrypt entries
+//! (`htpasswd -B`), which is what `docker login`, `skopeo --creds`, `podman login` and
+//! containerd's hosts.toml all speak. bcrypt is slow on purpose, so a verdict is cached for a
+//! short while under a keyed digest of the credentials: a pull of 50 blobs pays one bcrypt, not
+//! 50, and the cache never holds anything an attacker could brute-force faster than bcrypt.
+//!
+//! Authorisation is a small rules table per namespace (`pull` < `push` < `delete`), the shape of
+//! Harbor's project roles and Distribution's token actions. It knows nothing of storage.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine as _;
+use sha2::{Digest as _, Sha256};
+
+use crate::config::{under, Access, AccessRule, HostedConfig};
+use crate::distribution::{ErrorCode, ProtocolError};
+
+/// The challenge hosted namespaces answer unauthenticated requests with.
+pub const CHALLENGE: &str = "Basic realm=\"ferry\"";
+
+/// How long a bcrypt verdict is trusted. Short: a password changed in the file (after a
+/// restart) or a revoked user stops working quickly, while one pull's requests share a verdict.
+const VERDICT_TTL: Duration = Duration::from_secs(60);
+
+/// Bound on cached verdicts (memory stays small whatever clients send).
+const VERDICT_CAPACITY: u64 = 10_000;
+
+/// Verified for unknown users, so that "no such user" costs the same time as "wrong password"
+/// and response times do not reveal which users exist (cost 5, htpasswd's default).
+const DUMMY_HASH: &str = "$2y$05$jABAdBGdC7hB5VVSj3Hw8.WN5cyoYs1UxNxZSOGb9Lr3dhqYwWu0a";
+
+/// Who is asking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// No credentials were sent.
+    Anonymous,
+    /// A user whose password verified.
+    User(String),
+}
+
+impl Identity {
+    /// The user name, or `-` for anonymous (for logs).
+    pub fn name(&self) -> &str {
+        match self {
+            Identity::Anonymous => "-",
+            Identity::User(u) => u,
+        }
+    }
+}
+
+/// A problem loading the htpasswd file (a start-up error).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The file could not be read.
+    #[error("hosted.htpasswd {path}: {err}")]
+    Read {
+        /// The configured file.
+        path: PathBuf,
+        /// Cause.
+        err: std::io::Error,
+    },
+    /// A line is not `user:bcrypt-hash`.
+    #[error("hosted.htpasswd line {line}: {why}")]
+    Parse {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong (never the hash itself).
+        why: &'static str,
+    },
+}
+
+/// Credentials and rules for one server.
+pub struct Auth {
+    users: HashMap<String, String>,
+    rules: Vec<AccessRule>,
+    anonymous_pull: bool,
+    proxied_requires_auth: bool,
+    /// Per-process secret keying the verdict cache (see the module comment).
+    key: [u8; 32],
+    verdicts: moka::future::Cache<[u8; 32], bool>,
+}
+
+impl Auth {
+    /// Loads the htpasswd file named by `config`; `None` when there is none (nothing is hosted
+    /// and proxied namespaces are anonymous).
+    pub fn from_config(config: &HostedConfig) -> Result<Option<Auth>, AuthError> {
+        let Some(path) = &config.htpasswd else { return Ok(None) };
+        let text = std::fs::read_to_string(path).map_err(|err| AuthError::Read { path: path.clone(), err })?;
+        Auth::new(&text, config).map(Some)
+    }
+
+    /// Builds from htpasswd text.
+    pub fn new(htpasswd: &str, config: &HostedConfig) -> Result<Auth, AuthError> {
+        let mut users = HashMap::new();
+        for (i, line) in htpasswd.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (user, hash) =
+                line.split_once(':').ok_or(AuthError::Parse { line: i + 1, why: "expected user:hash" })?;
+            if user.is_empty() {
+                return Err(AuthError::Parse { line: i + 1, why: "empty user name" });
+            }
+            if !["$2y$", "$2a$", "$2b$"].iter().any(|p| hash.starts_with(p)) {
+                return Err(AuthError::Parse {
+                    line: i + 1,
+                    why: "only bcrypt entries are supported (create them with htpasswd -B)",
+                });
+            }
+            users.insert(user.to_owned(), hash.to_owned());
+        }
+        let mut key = [0u8; 32];
+        key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        Ok(Auth {
+            users,
+            rules: config.rules.clone(),
+            anonymous_pull: config.anonymous_pull,
+            proxied_requires_auth: config.proxied_requires_auth,
+            key,
+            verdicts: moka::future::Cache::builder().max_capacity(VERDICT_CAPACITY).time_to_live(VERDICT_TTL).build(),
+        })
+    }
+
+    /// Who sent `headers`: anonymous without `Authorization`, a user whose Basic credentials
+    /// verify, otherwise `401` (wrong credentials are never downgraded to anonymous).
+    pub async fn authenticate(&self, headers: &http::HeaderMap, client: SocketAddr) -> Result<Identity, ProtocolError> {
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else { return Ok(Identity::Anonymous) };
+        let Some((user, password)) = value.to_str().ok().and_then(parse_basic) else {
+            tracing::warn!(target: "ferry::auth", %client, "failed login: malformed Authorization header");
+            return Err(unauthorized("malformed credentials: use HTTP Basic authentication"));
+        };
+        if user.is_empty() && password.is_empty() {
+            // containers/image answers a Basic challenge with empty credentials when it has none.
+            return Ok(Identity::Anonymous);
+        }
+        let tag = self.tag(&user, &password);
+        let hash = self.users.get(&user).cloned();
+        let known = hash.is_some();
+        let ok = self
+            .verdicts
+            .get_with(tag, async move {
+                // Concurrent requests with the same credentials share this one verification.
+                let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_owned());
+                let verified = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+                    .await
+                    .unwrap_or(false);
+                verified && known
+            })
+            .await;
+        if ok {
+            Ok(Identity::User(user))
+        } else {
+            // The user name is client input: Debug-format it so it cannot forge log lines.
+            tracing::warn!(target: "ferry::auth", user = ?user, %client, "failed login");
+            Err(unauthorized("invalid user name or password"))
+        }
+    }
+
+    /// The keyed digest a verdict is cached under.
+    fn tag(&self, user: &str, password: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.key);
+        h.update((user.len() as u64).to_be_bytes());
+        h.update(user.as_bytes());
+        h.update(password.as_bytes());
+        h.finalize().into()
+    }
+
+    /// The most `who` may do in hosted repository `repo` (`None`: nothing).
+    pub fn access(&self, who: &Identity, repo: &str) -> Option<Access> {
+        let anonymous = self.anonymous_pull.then_some(Access::Pull);
+        let Identity::User(user) = who else { return anonymous };
+        if self.rules.is_empty() {
+            // No table: every htpasswd user owns every hosted namespace (Distribution's model).
+            return Some(Access::Delete);
+        }
+        // With a table, access comes only from it (Harbor's model: projects are private).
+        self.rules
+            .iter()
+            .filter(|r| under(repo, &r.namespace) && r.users.iter().any(|u| u == "*" || u == user))
+            .map(|r| r.access)
+            .max()
+            .max(anonymous)
+    }
+
+    /// `Ok` if `who` may do `need` in `repo`; `401` (with the challenge) for anonymous clients,
+    /// `403 DENIED` for users without the right.
+    pub fn check(&self, who: &Identity, repo: &str, need: Access) -> Result<(), ProtocolError> {
+        if self.access(who, repo).is_some_and(|a| a >= need) {
+            return Ok(());
+        }
+        let verb = match need {
+            Access::Pull => "pull from",
+            Access::Push => "push to",
+            Access::Delete => "delete in",
+        };
+        match who {
+            Identity::Anonymous => Err(unauthorized(format!("authentication required to {verb} {repo}"))),
+            Identity::User(u) => {
+                Err(ProtocolError::new(ErrorCode::Denied, format!("user {u:?} may not {verb} {repo}")))
+            }
+        }
+    }
+
+    /// `Ok` unless proxied namespaces require credentials and `who` is anonymous.
+    pub fn check_proxied(&self, who: &Identity) -> Result<(), ProtocolError> {
+        match (self.proxied_requires_auth, who) {
+            (true, Identity::Anonymous) => Err(unauthorized("authentication required")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A `401 UNAUTHORIZED` error (the server adds the `WWW-Authenticate` challenge).
+pub fn unauthorized(message: impl Into<String>) -> ProtocolError {
+    ProtocolError::new(ErrorCode::Unauthorized, message)
+}
+
+/// `Basic base64(user:password)` → `(user, password)`.
+fn parse_basic(value: &str) -> Option<(String, String)> {
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // htpasswd -Bbn alice secret / htpasswd -Bbn bob hunter2 (cost 5).
+    const FILE: &str = "alice:$2y$05$rB0A8pwuI5dQP1F6hxDATOfN4HTSaK3V.jz.7l8IUi9wbgeoW9C0i\n\
+                        # comment\n\
+                        bob:$2y$05$vb0tXRV2pZNleVvDvh.hS.OXdKBX7VEjdID6A9htW76TIlI5cYWH.\n";
+
+    fn config(rules: &str) -> HostedConfig {
+        let yaml = format!("hosted:\n  namespaces: [internal, team-a]\n  htpasswd: /x\n  rules: {rules}\n");
+        crate::config::Config::from_yaml(&yaml).unwrap().hosted
+    }
+
+    fn basic(user: &str, pass: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        let v = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        h.insert(http::header::AUTHORIZATION, format!("Basic {v}").parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn htpasswd_parsing() {
+        assert!(Auth::new(FILE, &config("[]")).is_ok());
+        let e = Auth::new("carol:{SHA}abc\n", &config("[]")).err().unwrap();
+        assert!(e.to_string().contains("line 1"), "{e}");
+        assert!(Auth::new("nocolon\n", &config("[]")).is_err());
+    }
+
+    #[tokio::test]
+    async fn credentials() {
+        let auth = Auth::new(FILE, &config("[]")).unwrap();
+        let client: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(auth.authenticate(&http::HeaderMap::new(), client).await.unwrap(), Identity::Anonymous);
+        assert_eq!(auth.authenticate(&basic("alice", "secret"), client).await.unwrap(), Identity::User("alice".into()));
+        // Cached: same verdict again.
+        assert_eq!(auth.authenticate(&basic("alice", "secret"), client).await.unwrap(), Identity::User("alice".into()));
+        for (u, p) in [("alice", "wrong"), ("nobody", "secret"), ("bob", "secret"), ("alice", "")] {
+            assert_eq!(auth.authenticate(&basic(u, p), client).await.unwrap_err().code, ErrorCode::Unauthorized);
+        }
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert_eq!(auth.authenticate(&h, client).await.unwrap_err().code, ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn rules() {
+        let alice = Identity::User("alice".into());
+        let bob = Identity::User("bob".into());
+        let open = Auth::new(FILE, &config("[]")).unwrap();
+        assert_eq!(open.access(&bob, "team-a/x"), Some(Access::Delete));
+        assert_eq!(
+            open.check(&Identity::Anonymous, "internal/x", Access::Pull).unwrap_err().code,
+            ErrorCode::Unauthorized
+        );
+
+        let table = Auth::new(
+            FILE,
+            &config("[{namespace: team-a, users: [alice], access: push}, {namespace: internal, users: ['*'], access: pull}]"),
+        )
+        .unwrap();
+        assert_eq!(table.access(&alice, "team-a/app"), Some(Access::Push));
+        assert_eq!(table.access(&bob, "team-a/app"), None);
+        assert_eq!(table.access(&bob, "internal/app"), Some(Access::Pull));
+        assert_eq!(table.check(&bob, "internal/app", Access::Push).unwrap_err().code, ErrorCode::Denied);
+        assert_eq!(table.check(&alice, "team-a/app", Access::Delete).unwrap_err().code, ErrorCode::Denied);
+        assert!(table.check(&alice, "team-a/app", Access::Pull).is_ok());
+    }
+}
