@@ -214,6 +214,9 @@ pub struct Cache {
     manifest_fetches: Arc<Mutex<HashMap<String, SharedManifest>>>,
     blob_fetches: Arc<Mutex<HashMap<Digest, Arc<BlobFetch>>>>,
     evictor: Arc<Evictor>,
+    /// Hosted namespaces exist: local content may be private and needs a check before the
+    /// proxied side serves it.
+    guard_private: bool,
 }
 
 fn now_secs() -> u64 {
@@ -227,13 +230,15 @@ fn internal(what: &str, e: impl std::fmt::Display) -> ProtocolError {
 
 impl Cache {
     /// A cache over `storage`, fetching through `pools` (one per configured registry), keeping
-    /// cached blobs under `max_size` bytes. Must be called inside a Tokio runtime: the
-    /// inventory of blobs already on disk is loaded in the background.
+    /// cached blobs under `max_size` bytes. With `guard_private` (hosted namespaces share the
+    /// store), content only pushed here is not served on proxied paths. Must be called inside a
+    /// Tokio runtime: the inventory of blobs already on disk is loaded in the background.
     pub fn new(
         storage: Arc<dyn Storage>,
         pools: HashMap<String, Arc<Pool>>,
         config: CacheConfig,
         max_size: Option<u64>,
+        guard_private: bool,
         metrics: Arc<Metrics>,
     ) -> Arc<Cache> {
         let evictor = Evictor::new(max_size, storage.clone(), metrics.clone());
@@ -254,7 +259,41 @@ impl Cache {
             manifest_fetches: Default::default(),
             blob_fetches: Default::default(),
             evictor,
+            guard_private,
         })
+    }
+
+    /// Whether local content for `digest` may be served on `route`: anything an upstream gave
+    /// us may; content only pushed here (a private layer) may only once an upstream confirms
+    /// it has the same digest, so knowing a private digest is not enough to read it.
+    async fn servable(&self, route: &Route, digest: &Digest, kind: &str) -> Result<bool, ProtocolError> {
+        if !self.guard_private {
+            return Ok(true);
+        }
+        match crate::hosted::is_private(&*self.storage, digest).await {
+            Ok(false) => return Ok(true),
+            Ok(true) => {}
+            Err(e) => return Err(internal("cannot read hosted mark", e)),
+        }
+        let pool = self.pool(&route.registry)?;
+        let req = UpstreamRequest {
+            method: Method::HEAD,
+            repo: &route.repo,
+            path: format!("{kind}/{digest}"),
+            accept: MANIFEST_MEDIA_TYPES.iter().map(|s| s.to_string()).collect(),
+            range_from: None,
+            capability: Capability::Pull,
+            skip: vec![],
+        };
+        match pool.send(&req).await {
+            Ok(_) => {
+                if let Err(e) = crate::hosted::mark_public(&*self.storage, digest).await {
+                    tracing::warn!(%digest, error = %e, "cannot record that a pushed digest is public");
+                }
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
     }
 
     fn pool(&self, registry: &str) -> Result<Arc<Pool>, ProtocolError> {
@@ -314,6 +353,9 @@ impl Cache {
         accept: &[String],
     ) -> Result<(Arc<Manifest>, Source), ProtocolError> {
         if let Some(m) = self.local_manifest(digest).await {
+            if !self.servable(route, digest, "manifests").await? {
+                return Err(ProtocolError::new(ErrorCode::ManifestUnknown, format!("manifest {digest} not found")));
+            }
             self.count("manifest", "hit");
             return Ok((m, Source::Cache));
         }
@@ -572,6 +614,9 @@ impl Cache {
     ) -> Result<BlobAnswer, ProtocolError> {
         let stored = self.storage.blob_size(digest).await.map_err(|e| internal("cannot stat blob", e))?;
         if let Some(size) = stored {
+            if !self.servable(route, digest, "blobs").await? {
+                return Err(ProtocolError::new(ErrorCode::BlobUnknown, format!("blob {digest} not found")));
+            }
             self.count("blob", "hit");
             self.evictor.touch(digest);
             let span = match range {

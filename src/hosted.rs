@@ -56,6 +56,26 @@ fn mark_key(digest: &Digest) -> String {
     format!("hosted/blobs/{}", digest.hex())
 }
 
+/// Whether this digest is known only from a push (a private image's own layer or manifest),
+/// not from any upstream. The proxied side must not serve such content to whoever names its
+/// digest, unless an upstream confirms it is public (then [`mark_public`]).
+pub async fn is_private(storage: &dyn Storage, digest: &Digest) -> io::Result<bool> {
+    let Some(raw) = storage.get_object(&mark_key(digest)).await? else { return Ok(false) };
+    Ok(serde_json::from_slice::<Mark>(&raw).map(|m| !m.shared).unwrap_or(true))
+}
+
+/// Records that an upstream serves this digest too: it is public, and (as shared content) `gc`
+/// leaves its bytes to the cache.
+pub async fn mark_public(storage: &dyn Storage, digest: &Digest) -> io::Result<()> {
+    let Some(raw) = storage.get_object(&mark_key(digest)).await? else { return Ok(()) };
+    let Ok(mut mark) = serde_json::from_slice::<Mark>(&raw) else { return Ok(()) };
+    if mark.shared {
+        return Ok(());
+    }
+    mark.shared = true;
+    storage.put_object(&mark_key(digest), serde_json::to_vec(&mark).map_err(io::Error::other)?).await
+}
+
 /// Whether hosted content uses this digest (a blob or a manifest record). The cache's eviction
 /// must skip such blobs: they are the only copy of something pushed here.
 pub async fn is_hosted_blob(storage: &dyn Storage, digest: &Digest) -> io::Result<bool> {

@@ -112,7 +112,7 @@ impl App {
             _ => None,
         };
         let max_size = config.storage.max_size.map(|s| s.as_u64());
-        let cache = Cache::new(storage, pools, config.cache.clone(), max_size, metrics.clone());
+        let cache = Cache::new(storage, pools, config.cache.clone(), max_size, hosted.is_some(), metrics.clone());
         Ok(Arc::new(App {
             router: Router::new(config.registries.keys().cloned(), &config.default_registry),
             cache,

@@ -580,3 +580,34 @@ fn gc_after_a_manifest_delete_frees_exactly_the_blobs_only_it_referenced() {
     assert_eq!(r.status, 404);
     assert!(gc(false).contains("removed 0 blobs"));
 }
+
+#[test]
+fn private_content_is_not_readable_through_proxied_paths_but_shared_public_layers_are() {
+    let upstream = Registry::start();
+    let work = tmp_dir();
+    let layout = work.path().join("layout");
+    // A public base layer on the upstream, and a private image built on it plus its own layer.
+    let base = write_layer(&layout, 8 * 1024, 31);
+    let own = write_layer(&layout, 4 * 1024, 32);
+    let public = build_image_with_layers(&layout, "public", std::slice::from_ref(&base), 33);
+    let private = build_image_with_layers(&layout, "private", &[base.clone(), own.clone()], 34);
+    push_layout(&layout, "public", &format!("{}/library/base:1", upstream.host()), false).unwrap();
+    let htpasswd = write_htpasswd(work.path(), &[ALICE, BOB]);
+    let ferry = Ferry::start(&config(&work.path().join("data"), &htpasswd, &upstream.url(), ""));
+    push_layout_creds(&layout, "private", &format!("{}/internal/secret:1", ferry.host()), false, ALICE).unwrap();
+
+    // Anyone can ask a proxied path for any digest; the private layer and manifest stay hidden.
+    let anon = |path: String| http_request("GET", &format!("{}{path}", ferry.url()), &[]).unwrap();
+    let leak = anon(format!("/v2/library/base/blobs/{}", own.0));
+    assert_eq!(leak.status, 404, "a private layer leaked through a proxied path");
+    assert_eq!(code(&leak), "BLOB_UNKNOWN");
+    let leak = anon(format!("/v2/library/base/manifests/{}", private.manifest_digest));
+    assert_eq!(leak.status, 404, "a private manifest leaked through a proxied path");
+    // The shared public base layer is confirmed upstream and served from the local copy.
+    let shared = anon(format!("/v2/library/base/blobs/{}", base.0));
+    assert_eq!(shared.status, 200);
+    assert_eq!(sha256_bytes(&shared.body), base.0);
+    let out = work.path().join("public");
+    pull_to_dir(&format!("{}/library/base:1", ferry.host()), &out).unwrap();
+    assert_eq!(fs::read(out.join("manifest.json")).unwrap(), public.manifest_bytes);
+}
