@@ -12,6 +12,7 @@ declare -A needs=(
   [skopeo]=skopeo
   [htpasswd]=apache2-utils
   [openssl]=openssl
+  [curl]=curl
   [containerd]=containerd
   [ctr]=containerd
 )

@@ -32,11 +32,11 @@ use crate::registry::Router;
 use crate::storage::{FsStorage, Storage};
 use crate::upstream::Pool;
 
+mod tls;
+pub use tls::Tls;
+
 /// Response body type: streamed, boxed, errors abort the connection.
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
-
-/// How long in-flight responses may take to finish after SIGTERM/SIGINT.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Everything a request handler needs.
 pub struct App {
@@ -78,6 +78,9 @@ pub enum StartError {
     /// Configuration problem.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The TLS certificate or key could not be loaded.
+    #[error("{0}")]
+    Tls(String),
     /// The htpasswd file could not be loaded.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
@@ -533,29 +536,42 @@ impl Drop for Tracked {
 }
 
 /// Binds the listener and serves until SIGTERM/SIGINT, then lets in-flight responses finish
-/// (bounded by a grace period). SIGHUP re-reads `config_path` (see [`watch_reload`]).
+/// (bounded by `shutdown_grace`). SIGHUP re-reads the TLS certificate and `config_path`
+/// (see [`watch_reload`]).
 pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> Result<(), StartError> {
     let app = App::new(&config)?;
+    let tls = match &config.tls {
+        Some(t) => Some(Tls::new(t).map_err(StartError::Tls)?),
+        None => None,
+    };
     let addr = config.listen_addr()?;
-    let listener =
-        TcpListener::bind(addr).await.map_err(|err| StartError::Bind { addr: config.listen.clone(), err })?;
-    let local = listener.local_addr().map_err(|err| StartError::Bind { addr: config.listen.clone(), err })?;
-    tracing::info!("listening on http://{local}");
-    tokio::spawn(watch_reload(config, config_path));
-    serve(app, listener, shutdown_signal()).await;
+    let bind_err = |err| StartError::Bind { addr: config.listen.clone(), err };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!("listening on {scheme}://{local}");
+    tokio::spawn(watch_reload(config.clone(), config_path, tls.clone()));
+    serve(app, listener, tls, config.shutdown_grace, shutdown_signal()).await;
     Ok(())
 }
 
-/// On SIGHUP (`systemctl reload`), re-reads and validates the config file. A bad file is
-/// reported and the running configuration stays; a valid one that differs is reported too,
-/// with the keys that changed, because upstream pools and storage are rebuilt only at start:
-/// swapping them under in-flight fetches is not safe yet.
-async fn watch_reload(running: Config, path: Option<std::path::PathBuf>) {
+/// On SIGHUP (`systemctl reload`): reloads the TLS certificate (new handshakes use it, open
+/// connections keep theirs), and re-reads and validates the config file. A bad file or
+/// certificate is reported and the running one stays. Other config changes are reported with
+/// the keys that changed, because upstream pools and storage are built only at start:
+/// swapping them under in-flight fetches is not safe.
+async fn watch_reload(running: Config, path: Option<std::path::PathBuf>, tls: Option<Arc<Tls>>) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
     let running = serde_json::to_value(&running).unwrap_or_default();
     while hup.recv().await.is_some() {
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; keeping the current one"),
+            }
+        }
         let Some(path) = &path else {
-            tracing::info!("SIGHUP: running on embedded defaults, nothing to reload");
+            tracing::info!("SIGHUP: running on embedded defaults, no config file to reload");
             continue;
         };
         match Config::load(path) {
@@ -576,8 +592,18 @@ async fn watch_reload(running: Config, path: Option<std::path::PathBuf>) {
     }
 }
 
-/// Serves connections from `listener` until `shutdown` resolves.
-pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves connections from `listener` (TLS when `tls` is set) until `shutdown` resolves, then
+/// waits up to `grace` for in-flight responses.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    tls: Option<Arc<Tls>>,
+    grace: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     tokio::pin!(shutdown);
@@ -598,10 +624,28 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl std::fut
                     let app = app.clone();
                     async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
                 });
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let acceptor = tls.as_ref().map(|t| t.acceptor());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let served = match acceptor {
+                        None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                        Some(acceptor) => {
+                            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => s,
+                                Ok(Err(e)) => {
+                                    tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::debug!(%peer, "TLS handshake timed out");
+                                    return;
+                                }
+                            };
+                            watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                        }
+                    };
+                    if let Err(e) = served {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }
                 });
@@ -610,8 +654,8 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl std::fut
         }
     }
     drop(listener);
-    tracing::info!("shutting down: waiting up to {}s for in-flight responses", SHUTDOWN_GRACE.as_secs());
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+    tracing::info!("shutting down: waiting up to {}s for in-flight responses", grace.as_secs());
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("grace period over; closing remaining connections");
     }
 }
