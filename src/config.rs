@@ -76,6 +76,7 @@ impl Default for Config {
                     url: "https://registry-1.docker.io".to_owned(),
                     ..UpstreamConfig::default()
                 }],
+                hedge_delay: None,
             },
         );
         Config {
@@ -139,6 +140,11 @@ impl Default for CacheConfig {
 pub struct RegistryConfig {
     /// Upstreams, tried in this order.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Hedging: when the upstream being asked has not answered headers within this delay,
+    /// the next one is asked too; the first good answer wins, the others are cancelled.
+    /// Absent: strictly one upstream at a time.
+    #[serde(with = "humantime_serde")]
+    pub hedge_delay: Option<Duration>,
 }
 
 /// What an upstream may be asked for, as in containerd's `hosts.toml`.

@@ -504,6 +504,7 @@ fn parse_challenge(h: &str) -> (String, HashMap<String, String>) {
 pub struct Pool {
     registry: String,
     upstreams: Vec<Arc<Upstream>>,
+    hedge_delay: Option<Duration>,
     metrics: Arc<Metrics>,
 }
 
@@ -518,7 +519,7 @@ impl Pool {
                 Upstream::new(&format!("registries.{registry}.upstreams[{i}]"), u, metrics.clone()).map(Arc::new)
             })
             .collect::<Result<_, _>>()?;
-        Ok(Pool { registry: registry.to_owned(), upstreams, metrics })
+        Ok(Pool { registry: registry.to_owned(), upstreams, hedge_delay: cfg.hedge_delay, metrics })
     }
 
     /// How many upstreams the registry has.
@@ -542,33 +543,80 @@ impl Pool {
         let mut tried = Vec::new();
         let eligible = self.upstreams.iter().filter(|u| u.cfg.can(req.capability));
         let (fresh, failed): (Vec<_>, Vec<_>) = eligible.partition(|u| !req.skip.contains(&u.name));
-        for up in fresh.into_iter().chain(failed) {
-            if !up.admit() {
-                tried.push((up.name.clone(), Reason::CircuitOpen));
-                continue;
-            }
-            match up.send(req).await {
-                Ok(response) => {
-                    up.report_success();
-                    return Ok(Answer { upstream: up.clone(), response });
+        let mut pending: std::vec::IntoIter<&Arc<Upstream>> =
+            fresh.into_iter().chain(failed).collect::<Vec<_>>().into_iter();
+        let hedge = self.hedge_delay;
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let mut more = true;
+        match next_admitted(&mut pending, &mut tried) {
+            Some(first) => inflight.push(attempt(first, req)),
+            None => more = false,
+        }
+        while !inflight.is_empty() {
+            let hedge_timer = async {
+                match hedge {
+                    Some(d) if more => tokio::time::sleep(d).await,
+                    _ => std::future::pending().await,
                 }
-                Err(reason) => {
-                    if reason == Reason::NotFound {
+            };
+            tokio::select! {
+                Some((up, result)) = futures_util::StreamExt::next(&mut inflight) => match result {
+                    Ok(response) => {
                         up.report_success();
-                    } else {
-                        up.report_failure(&reason);
+                        // Dropping `inflight` cancels any hedged request still waiting.
+                        return Ok(Answer { upstream: up, response });
                     }
-                    tracing::debug!(registry = %self.registry, upstream = %up.name, %reason, "moving on to the next upstream");
-                    self.metrics
-                        .upstream_failovers
-                        .with_label_values(&[&self.registry, &up.name, reason.label()])
-                        .inc();
-                    tried.push((up.name.clone(), reason));
-                }
+                    Err(reason) => {
+                        self.record_failure(&up, &reason);
+                        tried.push((up.name.clone(), reason));
+                        match next_admitted(&mut pending, &mut tried) {
+                            Some(next) => inflight.push(attempt(next, req)),
+                            None => more = false,
+                        }
+                    }
+                },
+                () = hedge_timer => match next_admitted(&mut pending, &mut tried) {
+                    Some(next) => {
+                        tracing::debug!(registry = %self.registry, upstream = %next.name, "hedging: asking the next upstream too");
+                        inflight.push(attempt(next, req));
+                    }
+                    None => more = false,
+                },
             }
         }
         Err(Exhausted { tried })
     }
+
+    fn record_failure(&self, up: &Upstream, reason: &Reason) {
+        if *reason == Reason::NotFound {
+            up.report_success();
+        } else {
+            up.report_failure(reason);
+        }
+        tracing::debug!(registry = %self.registry, upstream = %up.name, %reason, "moving on to the next upstream");
+        self.metrics.upstream_failovers.with_label_values(&[&self.registry, &up.name, reason.label()]).inc();
+    }
+}
+
+/// The next upstream whose circuit admits a request now. Admission happens only when an
+/// upstream is really about to be asked: admitting a half-open circuit makes that request its
+/// one probe. Skipped ones are recorded.
+fn next_admitted(
+    pending: &mut std::vec::IntoIter<&Arc<Upstream>>,
+    tried: &mut Vec<(String, Reason)>,
+) -> Option<Arc<Upstream>> {
+    for up in pending.by_ref() {
+        if up.admit() {
+            return Some(up.clone());
+        }
+        tried.push((up.name.clone(), Reason::CircuitOpen));
+    }
+    None
+}
+
+async fn attempt(up: Arc<Upstream>, req: &UpstreamRequest<'_>) -> (Arc<Upstream>, Result<reqwest::Response, Reason>) {
+    let r = up.send(req).await;
+    (up, r)
 }
 
 #[cfg(test)]

@@ -332,3 +332,136 @@ fn several_registries_behind_one_ferry_by_ns_and_by_path_prefix() {
     assert_eq!(ns_hub.body, a.manifest_bytes);
     assert_eq!(ghcr.count_requests("GET", "/library/"), 0, "docker.io names never reach ghcr.io");
 }
+
+#[test]
+fn hedging_races_the_next_upstream_and_cancels_the_loser() {
+    let work = tmp_dir();
+    let (registry, image) = seeded(work.path(), &[4096], 115);
+    let slow = StaticServer::hang();
+    // Without hedging this upstream would hold each request for ten minutes.
+    let cfg = ferry_yaml(
+        &work.path().join("data"),
+        &[("docker.io", vec![upstream(slow.url()).opt("first_byte_timeout: 10m"), upstream(registry.url())])],
+        "",
+    )
+    .replace("    upstreams:\n", "    hedge_delay: 200ms\n    upstreams:\n");
+    let ferry = Ferry::start(&cfg);
+    let resp = http_request_timeout(
+        "GET",
+        &format!("{}/v2/library/app/manifests/v1", ferry.url()),
+        &[("Accept", OCI_MANIFEST)],
+        Duration::from_secs(60),
+    )
+    .expect("hedging did not answer from the second upstream");
+    assert_eq!(resp.body, image.manifest_bytes);
+    assert!(slow.count("GET", "/manifests/v1") >= 1, "the first upstream was asked first");
+    assert!(slow.wait_for_active_connections(0, Duration::from_secs(10)), "the losing request was not cancelled");
+    let out = work.path().join("out");
+    pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
+    assert_image(&out, &image);
+}
+
+/// Reads one HTTP request head: (method, path, lower-cased headers).
+fn read_head(conn: &mut std::net::TcpStream) -> Option<(String, String, Vec<(String, String)>)> {
+    use std::io::Read;
+    conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+        if conn.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let (method, path) = (first.next()?.to_owned(), first.next()?.to_owned());
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some((method, path, headers))
+}
+
+fn respond(conn: &mut std::net::TcpStream, status: &str, headers: &[(String, String)], body: &[u8]) {
+    use std::io::Write;
+    let mut out = format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let _ = conn.write_all(out.as_bytes());
+    let _ = conn.write_all(body);
+}
+
+/// Serves one connection at a time on `listener` with `handle`, until the test ends.
+fn serve_forever(
+    listener: std::net::TcpListener,
+    handle: impl Fn(String, String, Vec<(String, String)>, &mut std::net::TcpStream) + Send + 'static,
+) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(10_000) {
+            let Ok(mut conn) = conn else { continue };
+            if let Some((m, p, h)) = read_head(&mut conn) {
+                handle(m, p, h, &mut conn);
+            }
+        }
+    });
+}
+
+#[test]
+fn blob_redirects_to_another_host_are_followed_without_the_authorization_header() {
+    let work = tmp_dir();
+    let (registry, image) = seeded(work.path(), &[256 * 1024], 116);
+    // The "CDN": another host (127.0.0.2), serving blob bytes, recording what it was sent.
+    let cdn = std::net::TcpListener::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+    let cdn_port = cdn.local_addr().unwrap().port();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, String)>>>> = Default::default();
+    let (seen2, reg_url) = (seen.clone(), registry.url());
+    serve_forever(cdn, move |_, path, headers, conn| {
+        seen2.lock().unwrap().push(headers);
+        let digest = path.trim_start_matches("/cdn/");
+        let blob = http_request("GET", &format!("{reg_url}/v2/library/app/blobs/{digest}"), &[]).unwrap();
+        respond(conn, "200 OK", &[("Content-Type".into(), "application/octet-stream".into())], &blob.body);
+    });
+    // The registry front: Basic auth required; blob GETs are redirected to the CDN.
+    let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let front_url = format!("http://{}", front.local_addr().unwrap());
+    let (reg_url, auth) = (registry.url(), basic_auth("mirror", "pw"));
+    serve_forever(front, move |method, path, headers, conn| {
+        let get = |k: &str| headers.iter().find(|(h, _)| h == k).map(|(_, v)| v.clone());
+        if get("authorization").as_deref() != Some(auth.as_str()) {
+            let challenge = [("WWW-Authenticate".to_owned(), "Basic realm=\"front\"".to_owned())];
+            return respond(conn, "401 Unauthorized", &challenge, b"{}");
+        }
+        if method == "GET" && path.contains("/blobs/") {
+            let digest = path.rsplit('/').next().unwrap_or_default();
+            let to = [("Location".to_owned(), format!("http://127.0.0.2:{cdn_port}/cdn/{digest}"))];
+            return respond(conn, "307 Temporary Redirect", &to, b"");
+        }
+        let accept = get("accept").unwrap_or_default();
+        let up = http_request(&method, &format!("{reg_url}{path}"), &[("Accept", &accept)]).unwrap();
+        let keep: Vec<(String, String)> = up
+            .headers
+            .iter()
+            .filter(|(k, _)| matches!(k.to_ascii_lowercase().as_str(), "content-type" | "docker-content-digest"))
+            .cloned()
+            .collect();
+        respond(conn, &format!("{} X", up.status), &keep, &up.body);
+    });
+    let cfg = ferry_yaml(
+        &work.path().join("data"),
+        &[("docker.io", vec![upstream(&front_url).opt("username: mirror").opt("password: pw")])],
+        "",
+    );
+    let ferry = Ferry::start(&cfg);
+    let out = work.path().join("out");
+    pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
+    assert_image(&out, &image);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), image.blob_digests().len(), "every blob came from the CDN");
+    for headers in seen.iter() {
+        assert!(!headers.iter().any(|(k, _)| k == "authorization"), "credentials leaked to the CDN: {headers:?}");
+    }
+}
