@@ -361,8 +361,11 @@ fn hedging_races_the_next_upstream_and_cancels_the_loser() {
     assert_image(&out, &image);
 }
 
-/// Reads one HTTP request head: (method, path, lower-cased headers).
-fn read_head(conn: &mut std::net::TcpStream) -> Option<(String, String, Vec<(String, String)>)> {
+/// Header lines, names lower-cased.
+type Headers = Vec<(String, String)>;
+
+/// Reads one HTTP request head: (method, path, headers).
+fn read_head(conn: &mut std::net::TcpStream) -> Option<(String, String, Headers)> {
     use std::io::Read;
     conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let mut head = Vec::new();
@@ -398,7 +401,7 @@ fn respond(conn: &mut std::net::TcpStream, status: &str, headers: &[(String, Str
 /// Serves one connection at a time on `listener` with `handle`, until the test ends.
 fn serve_forever(
     listener: std::net::TcpListener,
-    handle: impl Fn(String, String, Vec<(String, String)>, &mut std::net::TcpStream) + Send + 'static,
+    handle: impl Fn(String, String, Headers, &mut std::net::TcpStream) + Send + 'static,
 ) {
     std::thread::spawn(move || {
         for conn in listener.incoming().take(10_000) {
@@ -417,7 +420,7 @@ fn blob_redirects_to_another_host_are_followed_without_the_authorization_header(
     // The "CDN": another host (127.0.0.2), serving blob bytes, recording what it was sent.
     let cdn = std::net::TcpListener::bind("127.0.0.2:0").expect("bind 127.0.0.2");
     let cdn_port = cdn.local_addr().unwrap().port();
-    let seen: std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, String)>>>> = Default::default();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<Headers>>> = Default::default();
     let (seen2, reg_url) = (seen.clone(), registry.url());
     serve_forever(cdn, move |_, path, headers, conn| {
         seen2.lock().unwrap().push(headers);
