@@ -129,3 +129,38 @@ fn containerd_pulls_two_registries_through_one_ferry_with_the_shipped_hosts_toml
         assert_eq!(hub.count_requests("GET", &format!("/blobs/{d}")), 0);
     }
 }
+
+#[test]
+fn ctr_pushes_to_a_hosted_namespace_and_another_containerd_pulls_it_back() {
+    require_tool("htpasswd");
+    let hub = Registry::start();
+    let work = tmp_dir();
+    let layout = work.path().join("layout");
+    let image = build_image(&layout, "v1", &[1024, 256 * 1024], 503);
+    push_layout(&layout, "v1", &format!("{}/library/src:v1", hub.host()), false).unwrap();
+    let pw = Command::new("htpasswd").args(["-Bbn", "alice", "alice-pw"]).output().unwrap();
+    fs::write(work.path().join("htpasswd"), &pw.stdout).unwrap();
+    let cfg = ferry_yaml(&work.path().join("data"), &[("docker.io", vec![upstream(hub.url())])], "")
+        + &format!("hosted:\n  namespaces: [internal]\n  htpasswd: \"{}\"\n", work.path().join("htpasswd").display());
+    let ferry = Ferry::start(&cfg);
+
+    let pusher = Containerd::start();
+    let src = format!("{}/library/src:v1", hub.host());
+    let ok = |out: Output, what: &str| {
+        assert!(out.status.success(), "{what}: {}\n{}", String::from_utf8_lossy(&out.stderr), ferry.log_text())
+    };
+    ok(pusher.ctr(&["content", "fetch", "--plain-http", &src]), "fetch from the upstream");
+    let dest = format!("{}/internal/pushed:v1", ferry.host());
+    ok(pusher.ctr(&["images", "push", "--plain-http", "--user", "alice:alice-pw", &dest, &src]), "ctr push");
+
+    // A second containerd with an empty content store pulls it back from Ferry.
+    let puller = Containerd::start();
+    ok(puller.ctr(&["content", "fetch", "--plain-http", "--user", "alice:alice-pw", &dest]), "ctr pull");
+    let listed = puller.ctr(&["content", "ls", "-q"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    for d in std::iter::once(image.manifest_digest.clone()).chain(image.blob_digests()) {
+        assert!(listed.contains(&d), "the pulled-back image lacks {d}:\n{listed}");
+    }
+    let raw = inspect_raw_creds(&dest, ("alice", "alice-pw")).unwrap();
+    assert_eq!(raw, image.manifest_bytes, "containerd's push changed the manifest");
+}
