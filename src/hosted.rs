@@ -76,6 +76,13 @@ pub async fn mark_public(storage: &dyn Storage, digest: &Digest) -> io::Result<(
     storage.put_object(&mark_key(digest), serde_json::to_vec(&mark).map_err(io::Error::other)?).await
 }
 
+/// The hex digests of everything hosted content uses: one listing, for the cache's start-up
+/// inventory (instead of one lookup per blob).
+pub async fn hosted_digests(storage: &dyn Storage) -> io::Result<std::collections::HashSet<String>> {
+    let keys = storage.list_objects("hosted/blobs/").await?;
+    Ok(keys.into_iter().filter_map(|k| k.rsplit('/').next().map(str::to_owned)).collect())
+}
+
 /// Whether hosted content uses this digest (a blob or a manifest record). The cache's eviction
 /// must skip such blobs: they are the only copy of something pushed here.
 pub async fn is_hosted_blob(storage: &dyn Storage, digest: &Digest) -> io::Result<bool> {

@@ -51,13 +51,14 @@ impl Evictor {
             }
         };
         // Pushed (hosted) content is not cache: it is neither counted nor ever evicted.
-        let mut cached = Vec::with_capacity(blobs.len());
-        for b in blobs {
-            if !matches!(crate::hosted::is_hosted_blob(&*self.storage, &b.digest).await, Ok(true)) {
-                cached.push(b);
+        let hosted = match crate::hosted::hosted_digests(&*self.storage).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list hosted content; blobs already on disk are not counted against max_size until restart");
+                return;
             }
-        }
-        let mut blobs = cached;
+        };
+        let mut blobs: Vec<_> = blobs.into_iter().filter(|b| !hosted.contains(b.digest.hex())).collect();
         // Newest first: each one is pushed to the least-recent end, so the oldest ends up
         // evicted first. Blobs committed while the scan ran are already listed (as the most
         // recent) and are left where they are.
