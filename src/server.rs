@@ -170,25 +170,29 @@ impl App {
         let path = req.uri().path();
         let method = req.method();
         let read_only = method == Method::GET || method == Method::HEAD;
-        let who = match (&self.auth, path.starts_with("/v2")) {
-            (Some(auth), true) => match auth.authenticate(req.headers(), client).await {
-                Ok(who) => who,
-                Err(e) => return ("other", Err(e)),
-            },
-            _ => Identity::Anonymous,
+        // Not yet an error: what bad credentials mean depends on where the request goes.
+        let authn = match (&self.auth, path.starts_with("/v2")) {
+            (Some(auth), true) => auth.authenticate(req.headers(), client).await,
+            _ => Ok(Identity::Anonymous),
         };
         match path {
             // With credentials configured, an anonymous ping gets the challenge: Docker and
             // containers/image send Basic credentials only to registries that asked at /v2/.
             // Anonymous pulls of proxied images still work (clients treat this 401 as a hint).
-            "/v2" | "/v2/" if read_only && self.auth.is_some() && who == Identity::Anonymous => {
-                return ("other", Err(crate::auth::unauthorized("authentication required")));
+            // Wrong credentials fail here too, so `docker login` reports them.
+            "/v2" | "/v2/" if read_only && self.auth.is_some() && !matches!(authn, Ok(Identity::User(_))) => {
+                let e = authn.err().unwrap_or_else(|| crate::auth::unauthorized("authentication required"));
+                return ("other", Err(e));
             }
             "/v2" | "/v2/" if read_only => {
                 return ("other", Ok((json_response(StatusCode::OK, "{}", method == Method::HEAD), None)));
             }
             "/v2/_catalog" if read_only && self.hosted.is_some() => {
                 let Some(hosted) = &self.hosted else { return ("other", Err(no_endpoint(path))) };
+                let who = match authn {
+                    Ok(who) => who,
+                    Err(e) => return ("other", Err(e)),
+                };
                 let reply = hosted.catalog(&who, req.uri().query(), method == Method::HEAD).await;
                 return ("other", reply.map(|r| (reply_response(r), None)));
             }
@@ -207,6 +211,10 @@ impl App {
         };
         let route_label = api.endpoint.label();
         if let Some(hosted) = self.hosted.as_ref().filter(|h| h.is_hosted(api.name)) {
+            let who = match authn {
+                Ok(who) => who,
+                Err(e) => return (route_label, Err(e)),
+            };
             let op = match api.endpoint {
                 Endpoint::Manifest(r) => Op::Manifest(r),
                 Endpoint::Blob(d) => Op::Blob(d),
@@ -229,6 +237,13 @@ impl App {
         let ns = query_param(req.uri().query(), "ns");
         let result = async {
             if let Some(auth) = &self.auth {
+                // Docker sends its Docker Hub credentials to a mirror that challenged it: on an
+                // anonymous proxied namespace, credentials that are not ours mean "anonymous".
+                let who = match authn {
+                    Ok(who) => who,
+                    Err(e) if auth.check_proxied(&Identity::Anonymous).is_err() => return Err(e),
+                    Err(_) => Identity::Anonymous,
+                };
                 auth.check_proxied(&who)?;
             }
             let route = self.router.route(api.name, ns.as_deref())?;

@@ -611,3 +611,39 @@ fn private_content_is_not_readable_through_proxied_paths_but_shared_public_layer
     pull_to_dir(&format!("{}/library/base:1", ferry.host()), &out).unwrap();
     assert_eq!(fs::read(out.join("manifest.json")).unwrap(), public.manifest_bytes);
 }
+
+#[test]
+fn foreign_credentials_do_not_break_proxied_pulls_but_fail_on_hosted_and_login() {
+    // Docker sends its Docker Hub credentials to a mirror that challenged it at /v2/.
+    let upstream = Registry::start();
+    let work = tmp_dir();
+    let layout = work.path().join("layout");
+    let image = build_image(&layout, "v1", &[2048], 35);
+    push_layout(&layout, "v1", &format!("{}/library/pub:v1", upstream.host()), false).unwrap();
+    let htpasswd = write_htpasswd(work.path(), &[ALICE, BOB]);
+    let ferry = Ferry::start(&config(&work.path().join("data"), &htpasswd, &upstream.url(), ""));
+    let hub_creds = basic_auth("dockerhub-user", "dockerhub-token");
+    let get = |path: &str| {
+        http_request(
+            "GET",
+            &format!("{}{path}", ferry.url()),
+            &[("Authorization", &hub_creds), ("Accept", OCI_MANIFEST)],
+        )
+        .unwrap()
+    };
+    let proxied = get("/v2/library/pub/manifests/v1");
+    assert_eq!(proxied.status, 200, "{}", proxied.text());
+    assert_eq!(proxied.body, image.manifest_bytes);
+    let out = work.path().join("out");
+    pull_to_dir_creds(&format!("{}/library/pub:v1", ferry.host()), &out, ("dockerhub-user", "dockerhub-token"))
+        .unwrap();
+    assert_eq!(fs::read(out.join("manifest.json")).unwrap(), image.manifest_bytes);
+    // The same credentials are refused where they matter: hosted content and the login ping.
+    let hosted = get("/v2/internal/app/manifests/v1");
+    assert_eq!(hosted.status, 401);
+    assert_challenge(&hosted);
+    assert_eq!(get("/v2/").status, 401, "docker login with wrong credentials must fail");
+    let login =
+        http_request("GET", &format!("{}/v2/", ferry.url()), &[("Authorization", &basic_auth(ALICE.0, ALICE.1))]);
+    assert_eq!(login.unwrap().status, 200);
+}
