@@ -54,6 +54,17 @@ pub struct Config {
     /// After SIGTERM/SIGINT, how long in-flight responses may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A second, operations-only listener.
+    pub metrics: MetricsConfig,
+}
+
+/// `metrics:` — where else `/metrics`, `/healthz` and `/readyz` are served.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Also serve the operations endpoints (only those) on this address, e.g. to keep them
+    /// off the port clients use. They stay on the API port too.
+    pub listen: Option<String>,
 }
 
 /// `tls:` — the listener's certificate. Both files are re-read on SIGHUP.
@@ -88,6 +99,7 @@ impl Default for Config {
             log: LogConfig::default(),
             tls: None,
             shutdown_grace: Duration::from_secs(30),
+            metrics: MetricsConfig::default(),
             hosted: HostedConfig::default(),
         }
     }
@@ -425,9 +437,20 @@ impl Config {
         })
     }
 
+    /// The operations-only listen address, if configured (validated at load).
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        match &self.metrics.listen {
+            None => Ok(None),
+            Some(l) => l.parse().map(Some).map_err(|e| {
+                ConfigError::new("metrics.listen", format!("{l:?} is not an address like 127.0.0.1:9090: {e}"))
+            }),
+        }
+    }
+
     /// Semantic checks that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.metrics_addr()?;
         if self.storage.root.as_os_str().is_empty() {
             return Err(ConfigError::new("storage.root", "must not be empty"));
         }

@@ -565,8 +565,31 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> Res
     let local = listener.local_addr().map_err(bind_err)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!("listening on {scheme}://{local}");
+    // One signal stops every listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let ops = match config.metrics_addr()? {
+        Some(addr) => {
+            let listen = config.metrics.listen.clone().unwrap_or_default();
+            let ops_err = |err| StartError::Bind { addr: listen.clone(), err };
+            let ops_listener = TcpListener::bind(addr).await.map_err(ops_err)?;
+            tracing::info!("operations endpoints on http://{}", ops_listener.local_addr().map_err(ops_err)?);
+            let serving = serve(app.clone(), ops_listener, None, config.shutdown_grace, true, stopped(stop_rx.clone()));
+            Some(tokio::spawn(serving))
+        }
+        None => None,
+    };
     tokio::spawn(watch_reload(config.clone(), config_path, tls.clone()));
-    serve(app, listener, tls, config.shutdown_grace, shutdown_signal()).await;
+    serve(app, listener, tls, config.shutdown_grace, false, stopped(stop_rx)).await;
+    if let Some(ops) = ops {
+        let _ = ops.await;
+    }
     Ok(())
 }
 
@@ -611,12 +634,14 @@ async fn watch_reload(running: Config, path: Option<std::path::PathBuf>, tls: Op
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves connections from `listener` (TLS when `tls` is set) until `shutdown` resolves, then
-/// waits up to `grace` for in-flight responses.
+/// waits up to `grace` for in-flight responses. With `ops_only`, only `/metrics`, `/healthz`
+/// and `/readyz` are answered.
 pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
     grace: Duration,
+    ops_only: bool,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -635,9 +660,14 @@ pub async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
-                let service = hyper::service::service_fn(move |req| {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
+                    async move {
+                        if ops_only && !matches!(req.uri().path(), "/metrics" | "/healthz" | "/readyz") {
+                            return Ok::<_, Infallible>(text_response(StatusCode::NOT_FOUND, "operations endpoints only\n"));
+                        }
+                        Ok::<_, Infallible>(app.handle(req, peer).await)
+                    }
                 });
                 let builder = builder.clone();
                 let watcher = graceful.watcher();

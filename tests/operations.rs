@@ -29,7 +29,7 @@ fn metrics_show_a_miss_then_a_hit_bytes_by_source_and_upstream_requests() {
     let ferry = Ferry::start(&ferry_yaml(
         &work.path().join("data"),
         &[("docker.io", vec![upstream(registry.url())])],
-        "cache:\n  tag_ttl: 1h\n",
+        "cache:\n  tag_ttl: 1h\nmetrics:\n  listen: \"127.0.0.1:0\"\n",
     ));
     let blob_bytes: u64 = image.layers.iter().map(|(_, s)| s).sum::<u64>() + image.config_bytes.len() as u64;
     let up = registry.url();
@@ -61,6 +61,18 @@ fn metrics_show_a_miss_then_a_hit_bytes_by_source_and_upstream_requests() {
     for path in ["/healthz", "/readyz"] {
         assert_eq!(http_request("GET", &format!("{}{path}", ferry.url()), &[]).unwrap().status, 200, "{path}");
     }
+
+    // The operations-only listener serves the same metrics and nothing of the registry API.
+    let log = ferry.log_text();
+    let marker = "operations endpoints on http://";
+    let ops = log[log.find(marker).expect("ops listener logged") + marker.len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect::<String>();
+    let ops_page = http_request("GET", &format!("http://{ops}/metrics"), &[]).unwrap();
+    assert_eq!(ops_page.status, 200);
+    assert!(ops_page.text().contains("ferry_cache_requests_total"));
+    assert_eq!(http_request("GET", &format!("http://{ops}/v2/"), &[]).unwrap().status, 404);
 }
 
 /// A self-signed certificate for 127.0.0.1 in `dir` (cert.pem, key.pem), common name `cn`.
