@@ -105,9 +105,10 @@ struct TagKey {
 
 impl TagKey {
     fn object_key(&self) -> String {
-        // `_tags` cannot be a repository component (components start with [a-z0-9]).
-        let suffix = if self.index { "" } else { ".single" };
-        format!("tags/{}/{}/_tags/{}{suffix}", self.registry, self.repo, self.tag)
+        // `_tags` cannot be a repository component (components start with [a-z0-9]), and a
+        // tag cannot contain `/`: the two answers of one tag never collide with another tag's.
+        let form = if self.index { "index" } else { "single" };
+        format!("tags/{}/{}/_tags/{}/{form}", self.registry, self.repo, self.tag)
     }
 }
 
@@ -387,11 +388,10 @@ impl Cache {
                     let map_ref = self.manifest_fetches.clone();
                     let key2 = key.clone();
                     let handle = tokio::spawn(async move {
-                        let r = work.await;
-                        if let Ok(mut m) = map_ref.lock() {
-                            m.remove(&key2);
-                        }
-                        r
+                        // Removed however the work ends, a panic included: a key left behind
+                        // would answer every later request with the same failure.
+                        let _done = RemoveOnDrop { map: map_ref, key: key2 };
+                        work.await
                     });
                     let shared = async move { handle.await.map_err(|e| internal("manifest fetch task failed", e))? }
                         .boxed()
@@ -738,14 +738,17 @@ impl Cache {
         let this = self.clone();
         let (repo, digest, me) = (route.repo.clone(), digest.clone(), fetch.clone());
         tokio::spawn(async move {
-            let relay = &me.relay;
             this.metrics.inflight_fetches.inc();
-            let result = this.run_fetch(&pool, &repo, &digest, staged.as_ref(), &tx, relay).await;
-            let cacheable = tx.borrow().relay_from.is_none();
+            // Cleans up however the task ends, a panic included: a fetch left in the map
+            // without a verdict would hang or fail every later request for this digest.
+            let guard = FetchGuard { cache: this.clone(), digest: digest.clone(), me: me.clone(), tx };
+            let result = this.run_fetch(&pool, &repo, &digest, staged.as_ref(), &guard.tx, &me.relay).await;
+            let cacheable = guard.tx.borrow().relay_from.is_none();
+            let mut committed = None;
             let result = match (result, staged) {
                 (Ok(size), Some(staged)) if cacheable => match this.storage.commit(staged, &digest).await {
                     Ok(()) => {
-                        this.evictor.added(&digest, size).await;
+                        committed = Some(size);
                         Ok(())
                     }
                     Err(e) => {
@@ -761,13 +764,12 @@ impl Cache {
             if let Err(e) = &result {
                 tracing::warn!(%digest, error = %e.message, "blob fetch failed");
             }
-            tx.send_modify(|p| p.done = Some(result));
-            if let Ok(mut map) = this.blob_fetches.lock() {
-                if map.get(&digest).is_some_and(|f| Arc::ptr_eq(f, &me)) {
-                    map.remove(&digest);
-                }
+            guard.tx.send_modify(|p| p.done = Some(result));
+            drop(guard);
+            // After the verdict: readers' last bytes never wait for eviction's disk work.
+            if let Some(size) = committed {
+                this.evictor.added(&digest, size).await;
             }
-            this.metrics.inflight_fetches.dec();
         });
         Ok((fetch, relay_rx, false))
     }
@@ -980,6 +982,47 @@ impl Cache {
             let _ = relay.send(last);
         }
         Ok(written)
+    }
+}
+
+/// Removes a manifest fetch's key when its task ends, however it ends.
+struct RemoveOnDrop {
+    map: Arc<Mutex<HashMap<String, SharedManifest>>>,
+    key: String,
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(&self.key);
+        }
+    }
+}
+
+/// Ends a blob fetch however its task ends: a verdict for every reader (a failure if none was
+/// given), its map entry removed, the in-flight gauge decremented.
+struct FetchGuard {
+    cache: Arc<Cache>,
+    digest: Digest,
+    me: Arc<BlobFetch>,
+    tx: watch::Sender<Progress>,
+}
+
+impl Drop for FetchGuard {
+    fn drop(&mut self) {
+        self.tx.send_if_modified(|p| {
+            if p.done.is_some() {
+                return false;
+            }
+            p.done = Some(Err(ProtocolError::new(ErrorCode::Unavailable, "the blob fetch failed unexpectedly")));
+            true
+        });
+        if let Ok(mut map) = self.cache.blob_fetches.lock() {
+            if map.get(&self.digest).is_some_and(|f| Arc::ptr_eq(f, &self.me)) {
+                map.remove(&self.digest);
+            }
+        }
+        self.cache.metrics.inflight_fetches.dec();
     }
 }
 

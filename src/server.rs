@@ -18,7 +18,7 @@ use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
@@ -292,9 +292,14 @@ impl App {
                         self.push_hint()
                     ),
                 )),
-                Endpoint::Tags | Endpoint::Referrers(_) => Err(ProtocolError::new(
-                    ErrorCode::Unsupported,
-                    "tag listing and referrers are not proxied by this mirror",
+                Endpoint::Tags => {
+                    Err(ProtocolError::new(ErrorCode::Unsupported, "tag listing is not proxied by this mirror"))
+                }
+                // 404, not 405: oras, cosign and notation fall back to the referrers tag
+                // schema on a 404 only.
+                Endpoint::Referrers(_) => Err(ProtocolError::new(
+                    ErrorCode::ManifestUnknown,
+                    "the referrers API is not proxied by this mirror; use the referrers tag schema",
                 )),
             }
         }
@@ -354,30 +359,35 @@ struct Api<'a> {
 /// Splits `<name>/<endpoint>` at the LAST endpoint marker: names may contain `manifests` or
 /// `blobs` as components, references never contain `/`.
 fn split_api(rest: &str) -> Option<Api<'_>> {
+    // Every way the path could end, with where its name ends; the last one wins, since names
+    // may contain `blobs`, `manifests` or `uploads` as components but endpoints come last.
+    let mut found: Vec<(usize, Api<'_>)> = Vec::new();
     if let Some(name) = rest.strip_suffix("/tags/list") {
-        return Some(Api { name, endpoint: Endpoint::Tags });
+        found.push((name.len(), Api { name, endpoint: Endpoint::Tags }));
     }
-    if let Some(i) = rest.find("/blobs/uploads") {
+    if let Some(i) = rest.rfind("/blobs/uploads") {
         let tail = &rest[i + "/blobs/uploads".len()..];
-        if tail.is_empty() || tail.starts_with('/') {
-            let id = tail.strip_prefix('/').unwrap_or(tail);
-            return Some(Api { name: &rest[..i], endpoint: Endpoint::Uploads(id) });
+        let id = tail.strip_prefix('/').unwrap_or(tail);
+        if (tail.is_empty() || tail.starts_with('/')) && !id.contains('/') {
+            found.push((i, Api { name: &rest[..i], endpoint: Endpoint::Uploads(id) }));
         }
     }
-    let (i, marker) = ["/manifests/", "/blobs/", "/referrers/"]
-        .into_iter()
-        .filter_map(|m| rest.rfind(m).map(|i| (i, m)))
-        .max_by_key(|(i, _)| *i)?;
-    let reference = &rest[i + marker.len()..];
-    if reference.is_empty() || reference.contains('/') {
-        return None;
+    for marker in ["/manifests/", "/blobs/", "/referrers/"] {
+        let Some(i) = rest.rfind(marker) else { continue };
+        let reference = &rest[i + marker.len()..];
+        if reference.is_empty() || reference.contains('/') {
+            continue;
+        }
+        let endpoint = match marker {
+            "/manifests/" => Endpoint::Manifest(reference),
+            "/blobs/" => Endpoint::Blob(reference),
+            _ => Endpoint::Referrers(reference),
+        };
+        found.push((i, Api { name: &rest[..i], endpoint }));
     }
-    let endpoint = match marker {
-        "/manifests/" => Endpoint::Manifest(reference),
-        "/blobs/" => Endpoint::Blob(reference),
-        _ => Endpoint::Referrers(reference),
-    };
-    Some(Api { name: &rest[..i], endpoint })
+    // On a tie (`x/blobs/uploads`) the upload reading wins: it is pushed first.
+    let best = found.iter().map(|(i, _)| *i).max()?;
+    found.into_iter().find(|(i, _)| *i == best).map(|(_, api)| api)
 }
 
 fn query_param(query: Option<&str>, key: &str) -> Option<String> {
@@ -630,6 +640,9 @@ async fn watch_reload(running: Config, path: Option<std::path::PathBuf>, tls: Op
     }
 }
 
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -645,7 +658,16 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper applies these only with a timer: without, a client that sends headers slowly (or
+    // never) holds its connection forever.
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(256);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -727,6 +749,16 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_may_contain_endpoint_words() {
+        let api = split_api("a/blobs/uploads/b/manifests/x").unwrap();
+        assert_eq!((api.name, api.endpoint), ("a/blobs/uploads/b", Endpoint::Manifest("x")));
+        let api = split_api("a/blobs/uploads/b/blobs/uploads/").unwrap();
+        assert_eq!((api.name, api.endpoint), ("a/blobs/uploads/b", Endpoint::Uploads("")));
+        let api = split_api("a/tags/list/x/tags/list").unwrap();
+        assert_eq!((api.name, api.endpoint), ("a/tags/list/x", Endpoint::Tags));
+    }
 
     #[test]
     fn api_paths() {

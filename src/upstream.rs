@@ -17,6 +17,27 @@ use crate::config::{Capability, RegistryConfig, UpstreamConfig};
 use crate::distribution::{ErrorCode, ProtocolError, RepoName};
 use crate::metrics::Metrics;
 
+/// Largest token endpoint answer read (tokens are a few KiB).
+const MAX_TOKEN_BODY: usize = 64 * 1024;
+
+/// Cached tokens per upstream, at most (one per repository scope).
+const MAX_TOKENS: usize = 4096;
+
+/// Reads a small response body, refusing more than `limit` bytes.
+async fn read_bounded(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, Reason> {
+    use futures_util::StreamExt;
+    let mut buf = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| Reason::Body(error_chain(&e)))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(Reason::Body(format!("answer larger than {limit} bytes")));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
 /// Why one upstream did not give a usable answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -146,8 +167,17 @@ struct Token {
 struct Health {
     failures: u32,
     open_until: Option<Instant>,
+    /// The next open period (escalates on failed probes).
     backoff: Duration,
-    probing: bool,
+    /// When the single probe of a half-open circuit was let through.
+    probe_started: Option<Instant>,
+}
+
+/// `now + d`, saturating instead of panicking on an absurd duration (upstream-controlled
+/// `Retry-After` or token lifetimes must never crash a task).
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d).or_else(|| now.checked_add(Duration::from_secs(86_400))).unwrap_or(now)
 }
 
 /// One upstream endpoint of a registry.
@@ -233,7 +263,7 @@ impl Upstream {
             client,
             tokens: Mutex::new(HashMap::new()),
             basic: Default::default(),
-            health: Mutex::new(Health { failures: 0, open_until: None, backoff: cfg.backoff, probing: false }),
+            health: Mutex::new(Health { failures: 0, open_until: None, backoff: cfg.backoff, probe_started: None }),
             metrics,
         })
     }
@@ -247,12 +277,19 @@ impl Upstream {
     /// Whether a request may be sent now: closed circuit, or the single probe of a half-open one.
     fn admit(&self) -> bool {
         let Ok(mut h) = self.health.lock() else { return true };
+        let now = Instant::now();
         match h.open_until {
             None => true,
-            Some(t) if Instant::now() < t => false,
-            Some(_) if h.probing => false,
+            Some(t) if now < t => false,
             Some(_) => {
-                h.probing = true;
+                // One probe at a time. A probe whose request was cancelled (a hedge that lost, a
+                // client that left) never reports back, so it lapses after the longest it could
+                // take to get headers.
+                let limit = self.cfg.connect_timeout + self.cfg.first_byte_timeout;
+                if h.probe_started.is_some_and(|s| now.duration_since(s) < limit) {
+                    return false;
+                }
+                h.probe_started = Some(now);
                 true
             }
         }
@@ -264,31 +301,46 @@ impl Upstream {
             if h.open_until.is_some() {
                 tracing::info!(upstream = %self.name, "upstream recovered; circuit closed");
             }
-            *h = Health { failures: 0, open_until: None, backoff: self.cfg.backoff, probing: false };
+            *h = Health { failures: 0, open_until: None, backoff: self.cfg.backoff, probe_started: None };
         }
         self.metrics.upstream_up.with_label_values(&[&self.name]).set(1);
     }
 
-    /// Records a failure; enough consecutive ones open the circuit for a growing back-off.
+    /// Records a failure. Enough consecutive ones open the circuit for `backoff`; a failed probe
+    /// reopens it for twice as long (capped). Failures of requests that were already in flight
+    /// when it opened change nothing, so one hiccup does not bench an upstream for minutes.
     pub fn report_failure(&self, reason: &Reason) {
         if !reason.is_failure() {
             return;
         }
         let Ok(mut h) = self.health.lock() else { return };
-        h.failures += 1;
-        let was_probe = std::mem::take(&mut h.probing);
+        h.failures = h.failures.saturating_add(1);
+        let was_probe = h.probe_started.take().is_some();
+        // A 429's Retry-After, bounded: an upstream must not be able to bench itself forever.
+        let asked = match reason {
+            Reason::RateLimited(Some(d)) => (*d).min(self.cfg.max_backoff),
+            _ => Duration::ZERO,
+        };
         // Corrupt bytes are not a blip, and a 429 asks us to stay away: open at once.
         let severe = matches!(reason, Reason::DigestMismatch | Reason::RateLimited(_));
-        if h.failures >= self.cfg.failure_threshold || was_probe || severe {
-            let mut open_for = h.backoff;
-            if let Reason::RateLimited(Some(after)) = reason {
-                open_for = open_for.max(*after);
+        let open_for = if was_probe {
+            h.backoff = (h.backoff.saturating_mul(2)).min(self.cfg.max_backoff);
+            h.backoff.max(asked)
+        } else if h.open_until.is_none() && (h.failures >= self.cfg.failure_threshold || severe) {
+            h.backoff.max(asked)
+        } else if h.open_until.is_some() && asked > Duration::ZERO {
+            // Already open: only a longer Retry-After extends it.
+            let until = after(asked);
+            if h.open_until.is_some_and(|t| t < until) {
+                h.open_until = Some(until);
             }
-            h.open_until = Some(Instant::now() + open_for);
-            h.backoff = (h.backoff * 2).min(self.cfg.max_backoff);
-            tracing::warn!(upstream = %self.name, %reason, open_for = ?open_for, "upstream circuit opened");
-            self.metrics.upstream_up.with_label_values(&[&self.name]).set(0);
-        }
+            return;
+        } else {
+            return;
+        };
+        h.open_until = Some(after(open_for));
+        tracing::warn!(upstream = %self.name, %reason, open_for = ?open_for, "upstream circuit opened");
+        self.metrics.upstream_up.with_label_values(&[&self.name]).set(0);
     }
 
     /// Adds what this upstream is known to want: Basic credentials, or a cached Bearer token.
@@ -351,19 +403,27 @@ impl Upstream {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let body = tokio::time::timeout(self.cfg.idle_timeout, resp.bytes())
+        let body = tokio::time::timeout(self.cfg.idle_timeout, read_bounded(resp, MAX_TOKEN_BODY))
             .await
-            .map_err(|_| Reason::Timeout("the token body"))?
-            .map_err(|e| Reason::Auth(format!("token endpoint: {}", e.without_url())))?;
+            .map_err(|_| Reason::Timeout("the token body"))??;
         let body: TokenBody =
             serde_json::from_slice(&body).map_err(|_| Reason::Auth("token endpoint answered no JSON token".into()))?;
         let token =
             body.token.or(body.access_token).ok_or_else(|| Reason::Auth("token endpoint answered no token".into()))?;
         // Distribution's spec default is 60 s; renew a little early so a token never lapses mid-pull.
-        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(10));
-        let expires = Instant::now() + lifetime - (lifetime / 10).min(Duration::from_secs(30));
+        // Bounded: the lifetime comes from the token server.
+        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).clamp(10, 86_400));
+        let expires = after(lifetime - (lifetime / 10).min(Duration::from_secs(30)));
         if let Ok(mut t) = self.tokens.lock() {
-            t.retain(|_, v| v.expires > Instant::now());
+            // One token per repository scope, and clients choose repositories: keep the map
+            // bounded (an evicted token is simply fetched again).
+            if t.len() >= MAX_TOKENS {
+                let now = Instant::now();
+                t.retain(|_, v| v.expires > now);
+                if t.len() >= MAX_TOKENS {
+                    t.clear();
+                }
+            }
             t.insert(scope.to_owned(), Token { header: format!("Bearer {token}"), expires });
         }
         Ok(())

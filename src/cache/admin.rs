@@ -87,9 +87,12 @@ pub async fn verify(storage: &dyn Storage) -> io::Result<Verified> {
     Ok(out)
 }
 
-/// Removes the oldest blobs until the total is at most `max` bytes. Returns `(removed, bytes)`.
+/// Removes the oldest cached blobs until the cache is at most `max` bytes; pushed (hosted)
+/// content is neither counted nor removed (it is the only copy). Returns `(removed, bytes)`.
 pub async fn prune(storage: &dyn Storage, max: u64) -> io::Result<(usize, u64)> {
-    let mut blobs = storage.list_blobs().await?;
+    let hosted = crate::hosted::hosted_digests(storage).await?;
+    let mut blobs: Vec<_> =
+        storage.list_blobs().await?.into_iter().filter(|b| !hosted.contains(b.digest.hex())).collect();
     blobs.sort_by_key(|b| b.modified);
     let mut total: u64 = blobs.iter().map(|b| b.size).sum();
     let (mut removed, mut freed) = (0, 0);
