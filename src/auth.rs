@@ -20,8 +20,20 @@ use sha2::{Digest as _, Sha256};
 use crate::config::{under, Access, AccessRule, HostedConfig};
 use crate::distribution::{ErrorCode, ProtocolError};
 
-/// The challenge hosted namespaces answer unauthenticated requests with.
+/// The Basic challenge (`hosted.challenge: basic`, and the token endpoint's own).
 pub const CHALLENGE: &str = "Basic realm=\"ferry\"";
+
+/// Where Ferry issues bearer tokens (`hosted.challenge: bearer`).
+pub const TOKEN_PATH: &str = "/auth/token";
+
+/// The `service` named in Ferry's challenges and tokens.
+pub const TOKEN_SERVICE: &str = "ferry";
+
+/// How long an issued token lives. Clients fetch a new one on expiry; a user removed from the
+/// htpasswd file keeps access at most this long.
+pub const TOKEN_TTL: Duration = Duration::from_secs(300);
+
+type HmacSha256 = hmac::Hmac<Sha256>;
 
 /// How long a bcrypt verdict is trusted. Short: a password changed in the file (after a
 /// restart) or a revoked user stops working quickly, while one pull's requests share a verdict.
@@ -82,6 +94,9 @@ pub struct Auth {
     proxied_requires_auth: bool,
     /// Per-process secret keying the verdict cache (see the module comment).
     key: [u8; 32],
+    /// Per-process secret signing bearer tokens (tokens die with the process; clients simply
+    /// fetch new ones).
+    token_key: [u8; 32],
     verdicts: moka::future::Cache<[u8; 32], bool>,
 }
 
@@ -118,12 +133,15 @@ impl Auth {
         let mut key = [0u8; 32];
         key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
         key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        let token_key: [u8; 32] =
+            Sha256::new().chain_update(key).chain_update(b"ferry bearer tokens").finalize().into();
         Ok(Auth {
             users,
             rules: config.rules.clone(),
             anonymous_pull: config.anonymous_pull,
             proxied_requires_auth: config.proxied_requires_auth,
             key,
+            token_key,
             verdicts: moka::future::Cache::builder().max_capacity(VERDICT_CAPACITY).time_to_live(VERDICT_TTL).build(),
         })
     }
@@ -132,6 +150,9 @@ impl Auth {
     /// verify, otherwise `401` (wrong credentials are never downgraded to anonymous).
     pub async fn authenticate(&self, headers: &http::HeaderMap, client: SocketAddr) -> Result<Identity, ProtocolError> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else { return Ok(Identity::Anonymous) };
+        if let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
+            return self.verify_token(token.trim()).ok_or_else(|| unauthorized("invalid or expired token"));
+        }
         let Some((user, password)) = value.to_str().ok().and_then(parse_basic) else {
             tracing::warn!(target: "ferry::auth", %client, "failed login: malformed Authorization header");
             return Err(unauthorized("malformed credentials: use HTTP Basic authentication"));
@@ -164,6 +185,47 @@ impl Auth {
     }
 
     /// The keyed digest a verdict is cached under.
+    /// A bearer token for `who`: `base64url("<expiry>:<user>") . base64url(HMAC-SHA256)`. It says
+    /// who the client is; what they may do is still decided per request by the rules.
+    pub fn issue_token(&self, who: &Identity) -> String {
+        let user = match who {
+            Identity::User(u) => u.as_str(),
+            Identity::Anonymous => "",
+        };
+        let payload = format!("{}:{user}", now_secs().saturating_add(TOKEN_TTL.as_secs()));
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!("{}.{}", b64.encode(&payload), b64.encode(self.token_mac(payload.as_bytes())))
+    }
+
+    fn token_mac(&self, payload: &[u8]) -> Vec<u8> {
+        use hmac::{KeyInit, Mac};
+        match HmacSha256::new_from_slice(&self.token_key) {
+            Ok(mut mac) => {
+                mac.update(payload);
+                mac.finalize().into_bytes().to_vec()
+            }
+            // HMAC takes keys of any length; keep an impossible failure harmless.
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Who a token we issued names, if its signature verifies (constant time) and it is unexpired.
+    fn verify_token(&self, token: &str) -> Option<Identity> {
+        use hmac::{KeyInit, Mac};
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let (payload, sig) = token.split_once('.')?;
+        let (payload, sig) = (b64.decode(payload).ok()?, b64.decode(sig).ok()?);
+        let mut mac = HmacSha256::new_from_slice(&self.token_key).ok()?;
+        mac.update(&payload);
+        mac.verify_slice(&sig).ok()?;
+        let text = String::from_utf8(payload).ok()?;
+        let (expiry, user) = text.split_once(':')?;
+        if expiry.parse::<u64>().ok()? < now_secs() {
+            return None;
+        }
+        Some(if user.is_empty() { Identity::Anonymous } else { Identity::User(user.to_owned()) })
+    }
+
     fn tag(&self, user: &str, password: &str) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(self.key);
@@ -216,6 +278,10 @@ impl Auth {
             _ => Ok(()),
         }
     }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A `401 UNAUTHORIZED` error (the server adds the `WWW-Authenticate` challenge).

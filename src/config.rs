@@ -287,6 +287,24 @@ pub struct HostedConfig {
     /// Upload sessions idle longer than this are purged with their data.
     #[serde(with = "humantime_serde")]
     pub upload_max_age: Duration,
+    /// How clients are challenged: `bearer` (default; Ferry's token endpoint, as Docker Hub and
+    /// Harbor do, so Docker can still pull proxied images anonymously) or `basic` (plain
+    /// Basic auth; Docker clients must then `docker login` even to pull through the mirror).
+    pub challenge: ChallengeKind,
+    /// The token endpoint's URL as clients reach it (behind a reverse proxy); default: built
+    /// from each request's Host and Ferry's scheme.
+    pub token_realm: Option<String>,
+}
+
+/// How unauthenticated clients are challenged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChallengeKind {
+    /// `Bearer realm=<token endpoint>`: anonymous tokens for anonymous clients.
+    #[default]
+    Bearer,
+    /// `Basic realm="ferry"`.
+    Basic,
 }
 
 impl Default for HostedConfig {
@@ -299,6 +317,8 @@ impl Default for HostedConfig {
             rules: Vec::new(),
             proxied_requires_auth: false,
             upload_max_age: Duration::from_secs(24 * 3600),
+            challenge: ChallengeKind::Bearer,
+            token_realm: None,
         }
     }
 }

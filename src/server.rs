@@ -48,6 +48,12 @@ pub struct App {
     auth: Option<Arc<Auth>>,
     /// Private namespaces (when `hosted.namespaces` is not empty).
     hosted: Option<Arc<Hosted>>,
+    /// How 401s challenge clients.
+    challenge: crate::config::ChallengeKind,
+    /// Configured token endpoint URL, if any (else derived from the request).
+    token_realm: Option<String>,
+    /// `https` with TLS, else `http` (for the derived token realm).
+    scheme: &'static str,
 }
 
 /// A start-up failure.
@@ -123,6 +129,9 @@ impl App {
             storage_root: config.storage.root.clone(),
             auth,
             hosted,
+            challenge: config.hosted.challenge,
+            token_realm: config.hosted.token_realm.clone(),
+            scheme: if config.tls.is_some() { "https" } else { "http" },
         }))
     }
 
@@ -132,10 +141,11 @@ impl App {
         let method = req.method().clone();
         let req_is_head = method == Method::HEAD;
         let path = req.uri().path().to_owned();
+        let challenge = self.challenge_for(&req);
         let (route, result) = self.dispatch(req, client).await;
         let (mut resp, source) = match result {
             Ok(ok) => ok,
-            Err(e) => (error_response(&e, method == Method::HEAD), None),
+            Err(e) => (error_response(&e, method == Method::HEAD, &challenge), None),
         };
         resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
         let status = resp.status();
@@ -160,6 +170,50 @@ impl App {
         Response::from_parts(parts, tracked.boxed_unsync())
     }
 
+    /// The `WWW-Authenticate` value a 401 to `req` carries. Bearer (the default) points at
+    /// Ferry's token endpoint, which gives anonymous clients anonymous tokens: Docker cannot pull
+    /// anonymously from a registry that challenges with Basic.
+    fn challenge_for(&self, req: &Request<Incoming>) -> HeaderValue {
+        use crate::config::ChallengeKind;
+        if self.challenge == ChallengeKind::Basic || req.uri().path() == crate::auth::TOKEN_PATH {
+            return HeaderValue::from_static(CHALLENGE);
+        }
+        let realm = match &self.token_realm {
+            Some(r) => r.clone(),
+            None => {
+                let host = req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .or_else(|| req.uri().authority().map(|a| a.as_str()))
+                    .unwrap_or("localhost");
+                format!("{}://{host}{}", self.scheme, crate::auth::TOKEN_PATH)
+            }
+        };
+        HeaderValue::from_str(&format!("Bearer realm=\"{realm}\",service=\"{}\"", crate::auth::TOKEN_SERVICE))
+            .unwrap_or_else(|_| HeaderValue::from_static(CHALLENGE))
+    }
+
+    /// Whether a token request's scopes (at least one) all ask only to pull proxied repositories.
+    fn only_proxied_pulls(&self, query: Option<&str>) -> bool {
+        let scopes: Vec<String> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .filter(|(k, _)| k == "scope")
+            .flat_map(|(_, v)| v.split(' ').map(str::to_owned).collect::<Vec<_>>())
+            .filter(|s| !s.is_empty())
+            .collect();
+        !scopes.is_empty()
+            && scopes.iter().all(|scope| {
+                let mut parts = scope.splitn(3, ':');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some("repository"), Some(name), Some(actions)) => {
+                        actions.split(',').all(|a| a == "pull")
+                            && !self.hosted.as_ref().is_some_and(|h| h.is_hosted(name))
+                    }
+                    _ => false,
+                }
+            })
+    }
+
     async fn dispatch(
         &self,
         req: Request<Incoming>,
@@ -171,7 +225,7 @@ impl App {
         let method = req.method();
         let read_only = method == Method::GET || method == Method::HEAD;
         // Not yet an error: what bad credentials mean depends on where the request goes.
-        let authn = match (&self.auth, path.starts_with("/v2")) {
+        let authn = match (&self.auth, path.starts_with("/v2") || path == crate::auth::TOKEN_PATH) {
             (Some(auth), true) => auth.authenticate(req.headers(), client).await,
             _ => Ok(Identity::Anonymous),
         };
@@ -180,7 +234,13 @@ impl App {
             // containers/image send Basic credentials only to registries that asked at /v2/.
             // Anonymous pulls of proxied images still work (clients treat this 401 as a hint).
             // Wrong credentials fail here too, so `docker login` reports them.
-            "/v2" | "/v2/" if read_only && self.auth.is_some() && !matches!(authn, Ok(Identity::User(_))) => {
+            // A client that presents a token we issued (an anonymous one included) or
+            // skopeo's empty Basic credentials has done its part: it may ping.
+            "/v2" | "/v2/"
+                if read_only
+                    && self.auth.is_some()
+                    && (authn.is_err() || !req.headers().contains_key(header::AUTHORIZATION)) =>
+            {
                 let e = authn.err().unwrap_or_else(|| crate::auth::unauthorized("authentication required"));
                 return ("other", Err(e));
             }
@@ -195,6 +255,40 @@ impl App {
                 };
                 let reply = hosted.catalog(&who, req.uri().query(), method == Method::HEAD).await;
                 return ("other", reply.map(|r| (reply_response(r), None)));
+            }
+            crate::auth::TOKEN_PATH if read_only && self.auth.is_some() => {
+                let Some(auth) = &self.auth else { return ("other", Err(no_endpoint(path))) };
+                // Anonymous clients get anonymous tokens; wrong credentials get 401 (docker
+                // login reports them). What a token may do is decided per request by the rules.
+                // Docker asks with whatever credentials it has for the registry it mirrors (its
+                // Docker Hub login): for pulls of proxied repositories, which are anonymous,
+                // credentials that are not ours just mean an anonymous token. A login (no scope)
+                // or any hosted or push scope still gets the 401.
+                let authn = match authn {
+                    Err(_)
+                        if self.only_proxied_pulls(req.uri().query())
+                            && auth.check_proxied(&Identity::Anonymous).is_ok() =>
+                    {
+                        Ok(Identity::Anonymous)
+                    }
+                    other => other,
+                };
+                return match authn {
+                    Ok(who) => {
+                        let token = auth.issue_token(&who);
+                        let body = serde_json::json!({
+                            "token": token,
+                            "access_token": token,
+                            "expires_in": crate::auth::TOKEN_TTL.as_secs(),
+                        })
+                        .to_string();
+                        let mut r = text_response(StatusCode::OK, body);
+                        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                        ("other", Ok((r, None)))
+                    }
+                    Err(e) => ("other", Err(e)),
+                };
             }
             "/healthz" => return ("other", Ok((text_response(StatusCode::OK, "ok\n"), None))),
             "/readyz" => return ("other", Ok((self.readiness().await, None))),
@@ -417,7 +511,7 @@ fn json_response(status: StatusCode, json: &'static str, head: bool) -> Response
     r
 }
 
-fn error_response(e: &ProtocolError, head: bool) -> Response<Body> {
+fn error_response(e: &ProtocolError, head: bool, challenge: &HeaderValue) -> Response<Body> {
     let body = e.body();
     let len = body.len();
     let mut r = Response::new(if head { empty() } else { full(body) });
@@ -425,7 +519,7 @@ fn error_response(e: &ProtocolError, head: bool) -> Response<Body> {
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     if e.code == ErrorCode::Unauthorized {
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(CHALLENGE));
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, challenge.clone());
     }
     r
 }

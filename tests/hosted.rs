@@ -133,9 +133,15 @@ fn code(resp: &HttpResponse) -> String {
     v["errors"][0]["code"].as_str().unwrap_or_default().to_owned()
 }
 
+/// A 401 with Ferry's default challenge: Bearer, pointing at its own token endpoint.
 fn assert_challenge(resp: &HttpResponse) {
     assert_eq!(resp.status, 401, "{}", resp.text());
-    assert_eq!(resp.header("www-authenticate"), Some("Basic realm=\"ferry\""));
+    let challenge = resp.header("www-authenticate").unwrap_or_default();
+    assert!(
+        challenge.starts_with("Bearer realm=\"http://127.0.0.1:")
+            && challenge.ends_with("/auth/token\",service=\"ferry\""),
+        "{challenge}"
+    );
     assert_eq!(code(resp), "UNAUTHORIZED");
 }
 
@@ -646,4 +652,61 @@ fn foreign_credentials_do_not_break_proxied_pulls_but_fail_on_hosted_and_login()
     let login =
         http_request("GET", &format!("{}/v2/", ferry.url()), &[("Authorization", &basic_auth(ALICE.0, ALICE.1))]);
     assert_eq!(login.unwrap().status, 200);
+}
+
+#[test]
+fn docker_style_bearer_flow_anonymous_pulls_and_token_logins() {
+    let upstream = Registry::start();
+    let work = tmp_dir();
+    let layout = work.path().join("layout");
+    let image = build_image(&layout, "v1", &[2048], 36);
+    push_layout(&layout, "v1", &format!("{}/library/pub:v1", upstream.host()), false).unwrap();
+    let htpasswd = write_htpasswd(work.path(), &[ALICE, BOB]);
+    let ferry = Ferry::start(&config(&work.path().join("data"), &htpasswd, &upstream.url(), ""));
+    let url = |p: &str| format!("{}{p}", ferry.url());
+    let token_of = |resp: HttpResponse| -> String {
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let v: Value = serde_json::from_slice(&resp.body).unwrap();
+        v["token"].as_str().unwrap().to_owned()
+    };
+
+    // Docker without credentials: ping, challenge, anonymous token, ping again, pull.
+    let ping = http_request("GET", &url("/v2/"), &[]).unwrap();
+    assert_challenge(&ping);
+    let realm = format!("http://{}/auth/token", ferry.host());
+    let anon = token_of(
+        http_request("GET", &format!("{realm}?service=ferry&scope=repository:library/pub:pull"), &[]).unwrap(),
+    );
+    let bearer = format!("Bearer {anon}");
+    assert_eq!(http_request("GET", &url("/v2/"), &[("Authorization", &bearer)]).unwrap().status, 200);
+    let m = http_request(
+        "GET",
+        &url("/v2/library/pub/manifests/v1"),
+        &[("Authorization", &bearer), ("Accept", OCI_MANIFEST)],
+    )
+    .unwrap();
+    assert_eq!(m.body, image.manifest_bytes);
+    // An anonymous token opens nothing hosted.
+    let denied = http_request("GET", &url("/v2/internal/app/manifests/v1"), &[("Authorization", &bearer)]).unwrap();
+    assert_challenge(&denied);
+    // A forged or tampered token is refused.
+    let forged = format!("Bearer {}x", anon);
+    assert_eq!(http_request("GET", &url("/v2/"), &[("Authorization", &forged)]).unwrap().status, 401);
+
+    // docker login: the token endpoint checks the password.
+    let wrong =
+        http_request("GET", &format!("{realm}?service=ferry"), &[("Authorization", &basic_auth("alice", "nope"))]);
+    assert_eq!(wrong.unwrap().status, 401);
+    let alice = token_of(
+        http_request("GET", &format!("{realm}?service=ferry"), &[("Authorization", &basic_auth(ALICE.0, ALICE.1))])
+            .unwrap(),
+    );
+    let upload =
+        http_request("POST", &url("/v2/internal/app/blobs/uploads/"), &[("Authorization", &format!("Bearer {alice}"))]);
+    assert_eq!(upload.unwrap().status, 202, "alice's token opens her namespace");
+
+    // hosted.challenge: basic keeps plain Basic challenges.
+    let basic = Ferry::start(&config(&work.path().join("basic"), &htpasswd, &upstream.url(), "  challenge: basic\n"));
+    let ping = http_request("GET", &format!("{}/v2/", basic.url()), &[]).unwrap();
+    assert_eq!(ping.header("www-authenticate"), Some("Basic realm=\"ferry\""));
 }
