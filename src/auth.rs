@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -34,6 +35,9 @@ pub const TOKEN_SERVICE: &str = "ferry";
 pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 
 type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// bcrypt verifications running at once, at most.
+const BCRYPT_CONCURRENCY: usize = 2;
 
 /// How long a bcrypt verdict is trusted. Short: a password changed in the file (after a
 /// restart) or a revoked user stops working quickly, while one pull's requests share a verdict.
@@ -98,6 +102,9 @@ pub struct Auth {
     /// fetch new ones).
     token_key: [u8; 32],
     verdicts: moka::future::Cache<[u8; 32], bool>,
+    /// bcrypt runs at most this many at once: a flood of wrong passwords (each a fresh cache
+    /// miss) queues instead of taking every core from the pulls.
+    bcrypt_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Auth {
@@ -142,6 +149,7 @@ impl Auth {
             proxied_requires_auth: config.proxied_requires_auth,
             key,
             token_key,
+            bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(BCRYPT_CONCURRENCY)),
             verdicts: moka::future::Cache::builder().max_capacity(VERDICT_CAPACITY).time_to_live(VERDICT_TTL).build(),
         })
     }
@@ -164,10 +172,12 @@ impl Auth {
         let tag = self.tag(&user, &password);
         let hash = self.users.get(&user).cloned();
         let known = hash.is_some();
+        let slots = self.bcrypt_slots.clone();
         let ok = self
             .verdicts
             .get_with(tag, async move {
                 // Concurrent requests with the same credentials share this one verification.
+                let Ok(_slot) = slots.acquire_owned().await else { return false };
                 let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_owned());
                 let verified = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
                     .await
