@@ -970,8 +970,21 @@ impl Cache {
         let got = hasher.finish();
         if got != *digest {
             self.metrics.digest_mismatches.inc();
-            upstream.report_failure(&Reason::DigestMismatch);
-            tracing::error!(upstream = upstream.name(), expected = %digest, %got, "blob digest mismatch; discarded");
+            let resumed = !tried.tried.is_empty() && written > 0;
+            if resumed {
+                // Bytes came from more than one upstream: which one lied is unknown, so none is
+                // benched at once; each gets an ordinary failure.
+                let reason = Reason::Body("digest mismatch in a resumed blob".into());
+                upstream.report_failure(&reason);
+                for (name, _) in &tried.tried {
+                    if let Some(up) = pool.upstream(name) {
+                        up.report_failure(&reason);
+                    }
+                }
+            } else {
+                upstream.report_failure(&Reason::DigestMismatch);
+            }
+            tracing::error!(upstream = upstream.name(), resumed, expected = %digest, %got, "blob digest mismatch; discarded");
             return Err(ProtocolError::new(
                 ErrorCode::DigestInvalid,
                 format!("upstream {} sent bytes that do not match {digest}", upstream.name()),

@@ -582,6 +582,11 @@ impl Pool {
         Ok(Pool { registry: registry.to_owned(), upstreams, hedge_delay: cfg.hedge_delay, metrics })
     }
 
+    /// The upstream named `name` (its URL), if it belongs to this registry.
+    pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name == name)
+    }
+
     /// How many upstreams the registry has.
     pub fn len(&self) -> usize {
         self.upstreams.len()
