@@ -67,7 +67,8 @@ pub struct Manifest {
 
 impl Manifest {
     /// On-disk record: the media type, a newline, the bytes (media types never hold a newline).
-    fn encode(&self) -> Vec<u8> {
+    /// The one definition of the `manifests/sha256/<hex>` format, for cached and pushed manifests.
+    pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.media_type.len() + 1 + self.bytes.len());
         v.extend_from_slice(self.media_type.as_bytes());
         v.push(b'\n');
@@ -75,7 +76,8 @@ impl Manifest {
         v
     }
 
-    fn decode(digest: &Digest, record: Vec<u8>) -> Option<Manifest> {
+    /// Reads a record back; `None` when it is malformed or no longer matches its digest.
+    pub fn decode(digest: &Digest, record: Vec<u8>) -> Option<Manifest> {
         let nl = record.iter().position(|&b| b == b'\n')?;
         let media_type = std::str::from_utf8(&record[..nl]).ok()?.to_owned();
         let bytes = Bytes::from(record).slice(nl + 1..);
@@ -281,7 +283,7 @@ impl Cache {
             method: Method::HEAD,
             repo: &route.repo,
             path: format!("{kind}/{digest}"),
-            accept: MANIFEST_MEDIA_TYPES.iter().map(|s| s.to_string()).collect(),
+            accept: accept_or_all(&[]),
             range_from: None,
             capability: Capability::Pull,
             skip: vec![],
@@ -418,11 +420,7 @@ impl Cache {
         cap: Capability,
     ) -> Result<(Arc<Manifest>, String), ProtocolError> {
         let pool = self.pool(&route.registry)?;
-        let accept = if accept.is_empty() {
-            MANIFEST_MEDIA_TYPES.iter().map(|s| s.to_string()).collect()
-        } else {
-            accept.to_vec()
-        };
+        let accept = accept_or_all(accept);
         let mut req = UpstreamRequest {
             method: Method::GET,
             repo: &route.repo,
@@ -576,11 +574,7 @@ impl Cache {
     /// upstream answered without a digest header).
     async fn head_tag(&self, route: &Route, tag: &str, accept: &[String]) -> Result<Option<Digest>, ProtocolError> {
         let pool = self.pool(&route.registry)?;
-        let accept = if accept.is_empty() {
-            MANIFEST_MEDIA_TYPES.iter().map(|s| s.to_string()).collect()
-        } else {
-            accept.to_vec()
-        };
+        let accept = accept_or_all(accept);
         let req = UpstreamRequest {
             method: Method::HEAD,
             repo: &route.repo,
@@ -1072,6 +1066,15 @@ fn body_span(resp: &reqwest::Response) -> Option<(u64, Option<u64>)> {
     Some((start.parse().ok()?, total.parse().ok()))
 }
 
+/// The client's `Accept` list, or every manifest type Ferry knows when it sent none.
+fn accept_or_all(accept: &[String]) -> Vec<String> {
+    if accept.is_empty() {
+        MANIFEST_MEDIA_TYPES.iter().map(|s| s.to_string()).collect()
+    } else {
+        accept.to_vec()
+    }
+}
+
 /// Reads a manifest body (bounded) and checks it against the digest it was asked by.
 async fn read_manifest(answer: Answer, reference: &Reference) -> Result<Manifest, Reason> {
     let resp = answer.response;
@@ -1079,15 +1082,7 @@ async fn read_manifest(answer: Answer, reference: &Reference) -> Result<Manifest
         return Err(Reason::Body(format!("manifest larger than {MAX_MANIFEST_BYTES} bytes")));
     }
     let header_type = resp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let mut buf = Vec::new();
-    let mut body = resp.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| Reason::Body(error_chain(&e)))?;
-        if buf.len() + chunk.len() > MAX_MANIFEST_BYTES {
-            return Err(Reason::Body(format!("manifest larger than {MAX_MANIFEST_BYTES} bytes")));
-        }
-        buf.extend_from_slice(&chunk);
-    }
+    let buf = crate::upstream::read_bounded(resp, MAX_MANIFEST_BYTES).await?;
     let bytes = Bytes::from(buf);
     let digest = Digest::of(&bytes);
     if let Reference::Digest(want) = reference {

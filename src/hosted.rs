@@ -284,11 +284,9 @@ impl ManifestDoc {
     }
 }
 
+/// The record format is the cache's: hosted and proxied manifests share `manifests/sha256/`.
 fn decode_record(digest: &Digest, record: Vec<u8>) -> Option<(String, Bytes)> {
-    let nl = record.iter().position(|&b| b == b'\n')?;
-    let media_type = std::str::from_utf8(&record[..nl]).ok()?.to_owned();
-    let bytes = Bytes::from(record).slice(nl + 1..);
-    (Digest::of(&bytes) == *digest).then_some((media_type, bytes))
+    crate::cache::Manifest::decode(digest, record).map(|m| (m.media_type, m.bytes))
 }
 
 fn query_param(query: Option<&str>, key: &str) -> Option<String> {
@@ -613,10 +611,12 @@ impl Hosted {
         let record_stored = self.manifest_record(&digest).await?.is_some();
         self.claim(&digest, "manifest", record_stored).await?;
         if !record_stored {
-            let mut record = Vec::with_capacity(media_type.len() + 1 + bytes.len());
-            record.extend_from_slice(media_type.as_bytes());
-            record.push(b'\n');
-            record.extend_from_slice(&bytes);
+            let record = crate::cache::Manifest {
+                digest: digest.clone(),
+                media_type: media_type.to_string(),
+                bytes: bytes.clone(),
+            }
+            .encode();
             self.put(&manifest_record_key(&digest), record).await?;
         }
         self.put(&revision_link(repo, &digest), digest.to_string().into_bytes()).await?;

@@ -23,8 +23,8 @@ const MAX_TOKEN_BODY: usize = 64 * 1024;
 /// Cached tokens per upstream, at most (one per repository scope).
 const MAX_TOKENS: usize = 4096;
 
-/// Reads a small response body, refusing more than `limit` bytes.
-async fn read_bounded(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, Reason> {
+/// Reads a small response body (a token, a manifest), refusing more than `limit` bytes.
+pub async fn read_bounded(resp: reqwest::Response, limit: usize) -> Result<Vec<u8>, Reason> {
     use futures_util::StreamExt;
     let mut buf = Vec::new();
     let mut body = resp.bytes_stream();
