@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Runs Ferry's benchmarks (issue 7).
+#
+#   scripts/bench.sh          end-to-end comparison with Distribution's proxy and nginx (benches/e2e.rs):
+#                             prints one Markdown table on stdout, progress on stderr (~10 min on 2 cores)
+#   scripts/bench.sh micro    criterion micro benches (benches/micro.rs)
+#   scripts/bench.sh all      both
+#
+# Installs the Debian packages the e2e bench drives when they are missing (as root, or through
+# sudo), builds Ferry in release and runs the bench against that binary. Environment passed
+# through: FERRY_BENCH_ONLY=1a,1b,2,3a,3b,4,5 (subset), FERRY_BENCH_QUICK=1 (smoke test),
+# CARGO_TARGET_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+what="${1:-e2e}"
+case "$what" in
+  e2e | micro | all) ;;
+  *)
+    echo "usage: $0 [e2e|micro|all]" >&2
+    exit 2
+    ;;
+esac
+
+if [[ $what != micro ]]; then
+  # command -> Debian package. The shaped link is a relay inside the bench (no netem here), so
+  # no tc/iproute2 is needed.
+  declare -A needs=(
+    [docker-registry]=docker-registry
+    [nginx]=nginx
+    [wrk]=wrk
+    [curl]=curl
+    [getconf]=libc-bin
+  )
+  missing=()
+  for cmd in "${!needs[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("${needs[$cmd]}")
+  done
+  if ((${#missing[@]})); then
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    echo "bench.sh: installing missing packages: ${missing[*]}" >&2
+    if [[ $(id -u) -eq 0 ]]; then
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    elif command -v sudo >/dev/null 2>&1; then
+      sudo apt-get update -qq
+      sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+      echo "bench.sh: MISSING TOOLS. Run as root: apt-get install -y ${missing[*]}" >&2
+      exit 1
+    fi
+  fi
+  # Debian installs nginx with its service enabled; the bench starts its own nginx on a free
+  # loopback port and never touches a system one.
+fi
+
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo build --release --locked --bin ferry
+export FERRY_BIN="$target_dir/release/ferry"
+
+if [[ $what != micro ]]; then
+  start=$(date +%s)
+  cargo bench --locked --bench e2e
+  echo "bench.sh: e2e took $(($(date +%s) - start)) s (including the bench's own build)" >&2
+fi
+if [[ $what != e2e ]]; then
+  cargo bench --locked --bench micro
+fi
