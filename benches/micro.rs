@@ -38,7 +38,9 @@ fn digest(c: &mut Criterion) {
     let data = filler(64 * MIB);
     let mut g = c.benchmark_group("digest");
     g.throughput(Throughput::Bytes(data.len() as u64));
+    // ~50 ms per iteration: 20 samples need about 10 s.
     g.sample_size(20);
+    g.measurement_time(Duration::from_secs(12));
     g.bench_function("DigestVerifier/64MiB_in_1MiB_chunks", |b| {
         b.iter(|| {
             let mut v = DigestVerifier::new();
@@ -82,6 +84,7 @@ fn blob_read(c: &mut Criterion) {
     let mut g = c.benchmark_group("blob_read");
     g.throughput(Throughput::Bytes(SIZE as u64));
     g.sample_size(20);
+    g.measurement_time(Duration::from_secs(10));
     g.bench_function("FsStorage::read_blob/256MiB_page_cache", |b| {
         b.iter(|| {
             rt.block_on(async {
