@@ -738,29 +738,31 @@ impl Cache {
             let guard = FetchGuard { cache: this.clone(), digest: digest.clone(), me: me.clone(), tx };
             let result = this.run_fetch(&pool, &repo, &digest, staged.as_ref(), &guard.tx, &me.relay).await;
             let cacheable = guard.tx.borrow().relay_from.is_none();
-            let mut committed = None;
-            let result = match (result, staged) {
-                (Ok(size), Some(staged)) if cacheable => match this.storage.commit(staged, &digest).await {
-                    Ok(()) => {
-                        committed = Some(size);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        // Readers hold the open file, so their responses still complete.
-                        this.metrics.cache_write_errors.inc();
-                        tracing::warn!(%digest, error = %e, "blob served but not cached");
-                        Ok(())
-                    }
-                },
-                (Ok(_), _) => Ok(()),
-                (Err(e), _) => Err(e),
+            let (result, to_commit) = match (result, staged) {
+                (Ok(size), Some(staged)) if cacheable => (Ok(()), Some((staged, size))),
+                (Ok(_), _) => (Ok(()), None),
+                (Err(e), _) => (Err(e), None),
             };
             if let Err(e) = &result {
                 tracing::warn!(%digest, error = %e.message, "blob fetch failed");
             }
+            // The verdict first: the digest matched, so every reader may complete now. Making
+            // the blob durable (fsync, rename, fsync) is the cache's business, not the
+            // clients': it took longer than the whole transfer of a 256 MiB blob on loopback.
             guard.tx.send_modify(|p| p.done = Some(result));
+            let mut committed = None;
+            if let Some((staged, size)) = to_commit {
+                match this.storage.commit(staged, &digest).await {
+                    Ok(()) => committed = Some(size),
+                    Err(e) => {
+                        this.metrics.cache_write_errors.inc();
+                        tracing::warn!(%digest, error = %e, "blob served but not cached");
+                    }
+                }
+            }
+            // Leaves the map only now: a newcomer before the commit joins this verified fetch,
+            // one after it finds the blob on disk.
             drop(guard);
-            // After the verdict: readers' last bytes never wait for eviction's disk work.
             if let Some(size) = committed {
                 this.evictor.added(&digest, size).await;
             }

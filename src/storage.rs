@@ -113,22 +113,40 @@ fn read_chunk(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Bytes
     Ok(buf.freeze())
 }
 
-/// Streams `start..end` of an open file in [`READ_CHUNK`] pieces, each read on the blocking pool.
-pub fn file_stream(file: Arc<std::fs::File>, start: u64, end: u64) -> ByteStream {
-    stream::try_unfold(start, move |pos| {
+/// Cache-hit reads: larger than [`READ_CHUNK`] since nothing else competes for the buffer, so
+/// fewer hand-offs to the blocking pool per GiB.
+pub const HIT_CHUNK: usize = 1024 * 1024;
+
+/// Streams `start..end` of a file that this stream alone reads, in [`HIT_CHUNK`] pieces, each
+/// read on the blocking pool. The file is read sequentially from `start` (one seek), and each
+/// chunk is read into fresh, uninitialised capacity (`read_to_end` does not zero it first: a
+/// memset per chunk was a tenth of a warm read's CPU).
+pub fn file_stream(file: std::fs::File, start: u64, end: u64) -> ByteStream {
+    let file = Arc::new(file);
+    stream::try_unfold((start, false), move |(pos, positioned)| {
         let file = file.clone();
         async move {
             if pos >= end {
                 return Ok(None);
             }
-            let len = (end - pos).min(READ_CHUNK as u64) as usize;
-            let chunk =
-                tokio::task::spawn_blocking(move || read_chunk(&file, pos, len)).await.map_err(io::Error::other)??;
+            let len = (end - pos).min(HIT_CHUNK as u64);
+            let chunk = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut f = &*file;
+                if !positioned {
+                    f.seek(SeekFrom::Start(pos))?;
+                }
+                let mut buf = Vec::with_capacity(len as usize);
+                f.take(len).read_to_end(&mut buf)?;
+                Ok(buf)
+            })
+            .await
+            .map_err(io::Error::other)??;
             if chunk.is_empty() {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "blob shorter than expected"));
             }
             let next = pos + chunk.len() as u64;
-            Ok(Some((chunk, next)))
+            Ok(Some((Bytes::from(chunk), (next, true))))
         }
     })
     .boxed()
@@ -220,7 +238,7 @@ impl Storage for FsStorage {
         let path = self.blob_path(digest);
         Box::pin(async move {
             let file = blocking(move || not_found_is_none(std::fs::File::open(path))).await?;
-            Ok(file.map(|f| file_stream(Arc::new(f), start, end)))
+            Ok(file.map(|f| file_stream(f, start, end)))
         })
     }
 

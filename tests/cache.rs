@@ -196,10 +196,12 @@ fn max_size_evicts_least_recently_used_blobs() {
         }
     };
     pull_to_dir(&format!("{}/library/evict:one", ferry.host()), work.path().join("one")).unwrap();
+    wait_cached(&data, &one.blob_digests());
     settles_under_max();
     let out = work.path().join("two");
     pull_to_dir(&format!("{}/library/evict:two", ferry.host()), &out).unwrap();
     assert_eq!(fs::read(out.join("manifest.json")).unwrap(), two.manifest_bytes);
+    wait_cached(&data, &two.blob_digests());
     settles_under_max();
     let (one_layer, _) = &one.layers[0];
     let (two_layer, _) = &two.layers[0];

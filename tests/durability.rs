@@ -6,7 +6,6 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::fault::{Fault, FaultProxy};
 use common::*;
@@ -35,15 +34,6 @@ fn assert_store_consistent(data: &Path) {
 
 fn staging_files(data: &Path) -> usize {
     fs::read_dir(data.join("tmp")).map(|d| d.count()).unwrap_or(0)
-}
-
-/// Polls a condition (bounded); for state that settles just after a response completes.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -88,6 +78,7 @@ fn sigkill_during_ten_cold_pulls_leaves_a_clean_cache() {
         let out = work.path().join(format!("ok{i}"));
         pull_to_dir(&format!("{}/library/crash:t{i}", ferry.host()), &out).unwrap();
         assert_image(&out, img);
+        wait_cached(&data, &img.blob_digests());
     }
     assert_store_consistent(&data);
     let verify = ferry_cmd(&ferry.config_path(), &["verify"]);
@@ -159,8 +150,7 @@ fn a_full_disk_never_fails_a_pull_and_caching_resumes_with_space() {
     let out = work.path().join("later");
     pull_to_dir(&format!("{}/library/full:later", ferry.host()), &out).unwrap();
     assert_image(&out, &later);
-    let (l2, _) = &later.layers[0];
-    assert!(data.join("blobs/sha256").join(&digest_hex(l2)[..2]).join(digest_hex(l2)).exists());
+    wait_cached(&data, &later.blob_digests());
     assert_store_consistent(&data);
 }
 
@@ -174,6 +164,7 @@ fn cache_verify_quarantines_a_corrupted_blob_and_prune_and_stats_work() {
     let data = work.path().join("data");
     let ferry = Ferry::start(&ferry_yaml(&data, &[("docker.io", vec![upstream(registry.url())])], ""));
     pull_to_dir(&format!("{}/library/maint:v1", ferry.host()), work.path().join("a")).unwrap();
+    wait_cached(&data, &image.blob_digests());
 
     let stats = ferry_cmd(&ferry.config_path(), &["stats", "--server", &ferry.url()]);
     let text = String::from_utf8_lossy(&stats.stdout).into_owned();
@@ -199,6 +190,7 @@ fn cache_verify_quarantines_a_corrupted_blob_and_prune_and_stats_work() {
     let out = work.path().join("b");
     pull_to_dir(&format!("{}/library/maint:v1", ferry.host()), &out).unwrap();
     assert_image(&out, &image);
+    wait_cached(&data, &image.blob_digests());
     assert!(ferry_cmd(&ferry.config_path(), &["verify"]).status.success());
 
     let prune = ferry_cmd(&ferry.config_path(), &["prune", "--max-size", "40KiB"]);

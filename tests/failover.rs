@@ -28,11 +28,6 @@ fn seeded(work: &Path, layers: &[u64], seed: u64) -> (Registry, Image) {
     (upstream, image)
 }
 
-fn blob_is_cached(data: &Path, digest: &str) -> bool {
-    let hex = digest_hex(digest);
-    data.join("blobs/sha256").join(&hex[..2]).join(hex).exists()
-}
-
 #[test]
 fn dead_and_failing_upstreams_are_skipped_and_then_not_tried_while_open() {
     let work = tmp_dir();
@@ -127,7 +122,7 @@ fn resumes_after(fault: Fault, first_opts: &[&str], second: Fault) {
     let resumed: Vec<_> = second.requests().into_iter().filter(|(m, p, _)| m == "GET" && p.contains(layer)).collect();
     assert_eq!(resumed.len(), 1, "{resumed:?}");
     assert_eq!(resumed[0].2.as_deref(), Some("bytes=1048576-"), "resumed where the stream broke");
-    assert!(blob_is_cached(&work.path().join("data"), layer), "the resumed blob was verified and cached");
+    wait_cached(&work.path().join("data"), std::slice::from_ref(layer));
 }
 
 #[test]
@@ -190,13 +185,13 @@ fn corrupt_bytes_are_never_cached_or_completed_and_the_next_upstream_serves_them
 
     let first = http_request("GET", &url, &[]);
     assert!(first.is_err(), "a corrupt blob must not complete: {:?}", first.map(|r| (r.status, r.body.len())));
-    assert!(!blob_is_cached(&data, &layer), "a corrupt blob was cached");
+    assert!(!cached_blob(&data, &layer), "a corrupt blob was cached");
     assert_eq!(metric(&scrape(&ferry), "ferry_digest_mismatches_total"), 1.0);
 
     let retry = http_request("GET", &url, &[]).unwrap();
     assert_eq!(sha256_bytes(&retry.body), layer);
     assert_eq!(liar.count("GET", &layer), 1, "the lying upstream is not asked again");
-    assert!(blob_is_cached(&data, &layer));
+    wait_cached(&data, std::slice::from_ref(&layer));
     let out = work.path().join("out");
     pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
     assert_image(&out, &image);

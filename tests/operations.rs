@@ -45,6 +45,7 @@ fn metrics_show_a_miss_then_a_hit_bytes_by_source_and_upstream_requests() {
     assert_eq!(series(&page, "ferry_bytes_served_total", &[("source", "cache")]), 0.0);
 
     pull_to_dir(&format!("{}/library/m:v1", ferry.host()), work.path().join("b")).unwrap();
+    eventually("three blobs accounted", || metric(&scrape(&ferry), "ferry_cache_blobs") == 3.0);
     let page = scrape(&ferry);
     assert_eq!(series(&page, "ferry_cache_requests_total", &[("kind", "blob"), ("result", "hit")]), 3.0, "{page}");
     assert_eq!(series(&page, "ferry_cache_requests_total", &[("kind", "manifest"), ("result", "hit")]), 1.0);

@@ -1538,3 +1538,25 @@ pub fn metric(page: &str, series: &str) -> f64 {
 pub fn scrape(ferry: &Ferry) -> String {
     http_request("GET", &format!("{}/metrics", ferry.url()), &[]).expect("scrape /metrics").text()
 }
+
+/// Polls `f` until it holds, for at most 10 s, then panics naming `what`. For state Ferry
+/// settles just after a response completes (a verified blob is committed to disk after the
+/// client already has every byte); never a substitute for waiting on an event.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether blob `digest` is committed in the Ferry store under `root`.
+pub fn cached_blob(root: &Path, digest: &str) -> bool {
+    let hex = digest_hex(digest);
+    root.join("blobs/sha256").join(&hex[..2]).join(hex).exists()
+}
+
+/// Waits until every one of `digests` is committed in the Ferry store under `root`.
+pub fn wait_cached(root: &Path, digests: &[String]) {
+    eventually("blobs committed to the cache", || digests.iter().all(|d| cached_blob(root, d)));
+}
