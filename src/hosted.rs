@@ -1034,7 +1034,8 @@ fn chunk_limit(headers: &HeaderMap, written: u64) -> Result<Option<u64>, Protoco
         )
         .with_detail(serde_json::json!({ "offset": written })));
     }
-    Ok(Some(end - start + 1))
+    // Saturating: `0-18446744073709551615` must not overflow (a panic on a request path).
+    Ok(Some((end - start).saturating_add(1)))
 }
 
 type StateGuard = tokio::sync::OwnedMutexGuard<UploadState>;
