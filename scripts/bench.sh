@@ -23,33 +23,10 @@ case "$what" in
 esac
 
 if [[ $what != micro ]]; then
-  # command -> Debian package. The shaped link is a relay inside the bench (no netem here), so
-  # no tc/iproute2 is needed.
-  declare -A needs=(
-    [docker-registry]=docker-registry
-    [nginx]=nginx
-    [wrk]=wrk
-    [curl]=curl
-    [getconf]=libc-bin
-  )
-  missing=()
-  for cmd in "${!needs[@]}"; do
-    command -v "$cmd" >/dev/null 2>&1 || missing+=("${needs[$cmd]}")
-  done
-  if ((${#missing[@]})); then
-    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
-    echo "bench.sh: installing missing packages: ${missing[*]}" >&2
-    if [[ $(id -u) -eq 0 ]]; then
-      apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    elif command -v sudo >/dev/null 2>&1; then
-      sudo apt-get update -qq
-      sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    else
-      echo "bench.sh: MISSING TOOLS. Run as root: apt-get install -y ${missing[*]}" >&2
-      exit 1
-    fi
-  fi
+  # The shaped link is a relay inside the bench (no netem here), so no tc/iproute2 is needed.
+  # shellcheck source=scripts/lib/packages.sh
+  source scripts/lib/packages.sh
+  ensure_packages bench.sh docker-registry=docker-registry nginx=nginx wrk=wrk curl=curl getconf=libc-bin
   # Debian installs nginx with its service enabled; the bench starts its own nginx on a free
   # loopback port and never touches a system one.
 fi

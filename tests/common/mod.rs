@@ -211,6 +211,23 @@ pub fn http_request_timeout(
     headers: &[(&str, &str)],
     timeout: Duration,
 ) -> io::Result<HttpResponse> {
+    send_request(method, url, headers, None, timeout)
+}
+
+/// [`http_request`] with a request body. `Content-Length` is added from `body` unless
+/// `headers` already has one (tests of bad input may send a lying length).
+pub fn http_request_body(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<HttpResponse> {
+    send_request(method, url, headers, Some(body), HTTP_TIMEOUT)
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`), optionally with a body.
+fn send_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> io::Result<HttpResponse> {
     let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
     let rest = url.strip_prefix("http://").ok_or_else(|| invalid(format!("only http:// URLs are supported: {url}")))?;
     let (authority, path) = match rest.find('/') {
@@ -229,47 +246,22 @@ pub fn http_request_timeout(
     for (name, value) in headers {
         let _ = write!(request, "{name}: {value}\r\n");
     }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes())?;
-
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    parse_response(&raw, method.eq_ignore_ascii_case("HEAD"))
-}
-
-/// [`http_request`] with a request body. `Content-Length` is added from `body` unless
-/// `headers` already has one (tests of bad input may send a lying length).
-pub fn http_request_body(method: &str, url: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<HttpResponse> {
-    let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
-    let rest = url.strip_prefix("http://").ok_or_else(|| invalid(format!("only http:// URLs are supported: {url}")))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let addr = authority.to_socket_addrs()?.next().ok_or_else(|| invalid(format!("cannot resolve {authority}")))?;
-    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\
-         User-Agent: ferry-e2e-harness\r\n"
-    );
-    for (name, value) in headers {
-        let _ = write!(request, "{name}: {value}\r\n");
-    }
-    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-length")) {
-        let _ = write!(request, "Content-Length: {}\r\n", body.len());
+    if let Some(body) = body {
+        if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-length")) {
+            let _ = write!(request, "Content-Length: {}\r\n", body.len());
+        }
     }
     request.push_str("\r\n");
     stream.write_all(request.as_bytes())?;
     // A server may answer (e.g. 413) and close before reading the whole body: keep the answer.
-    let sent = stream.write_all(body);
+    let sent = body.map_or(Ok(()), |b| stream.write_all(b));
 
     let mut raw = Vec::new();
     match stream.read_to_end(&mut raw) {
         Ok(_) => {}
-        Err(e) if !raw.is_empty() => drop(e),
+        // Only after sending a body may a read error follow a complete answer (the server
+        // closed early); otherwise it is the caller's to see (a timeout, a reset).
+        Err(e) if body.is_some() && !raw.is_empty() => drop(e),
         Err(e) => return Err(sent.err().unwrap_or(e)),
     }
     parse_response(&raw, method.eq_ignore_ascii_case("HEAD"))
