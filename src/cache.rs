@@ -19,81 +19,18 @@ use tokio::sync::watch;
 
 use crate::config::{CacheConfig, Capability};
 use crate::distribution::{
-    accepts, Digest, DigestVerifier, ErrorCode, ProtocolError, Reference, RepoName, DOCKER_MANIFEST_LIST,
-    MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, OCI_INDEX,
+    accept_or_all, accepts, internal, unsatisfiable, BlobAnswer, ByteRange, Digest, DigestVerifier, ErrorCode,
+    Manifest, ProtocolError, Reference, RepoName, Source, DOCKER_MANIFEST_LIST, MAX_MANIFEST_BYTES, OCI_INDEX,
 };
 use crate::metrics::Metrics;
 use crate::registry::Route;
-use crate::storage::{ByteStream, Staged, Storage, READ_CHUNK};
+use crate::storage::records::{decode_manifest, encode_manifest, TagEntry};
+use crate::storage::{layout, marks, ByteStream, Staged, Storage, READ_CHUNK};
 use crate::upstream::{error_chain, Answer, Exhausted, Pool, Reason, UpstreamRequest};
 
 pub mod admin;
 mod eviction;
 pub use eviction::Evictor;
-
-/// Where an answer came from (a metrics label and an access-log field).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
-    /// Local disk or memory, no upstream contacted.
-    Cache,
-    /// Local copy confirmed by a cheap upstream revalidation.
-    Revalidated,
-    /// Local copy served past its freshness because no upstream answered.
-    Stale,
-    /// Fetched from the named upstream (possibly joined in progress).
-    Upstream(String),
-}
-
-impl Source {
-    /// Bounded label for metrics: `cache` or `upstream`.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Source::Upstream(_) => "upstream",
-            _ => "cache",
-        }
-    }
-}
-
-/// A manifest exactly as an upstream sent it.
-#[derive(Debug)]
-pub struct Manifest {
-    /// sha256 of `bytes`.
-    pub digest: Digest,
-    /// The upstream's `Content-Type`.
-    pub media_type: String,
-    /// The exact bytes.
-    pub bytes: Bytes,
-}
-
-impl Manifest {
-    /// On-disk record: the media type, a newline, the bytes (media types never hold a newline).
-    /// The one definition of the `manifests/sha256/<hex>` format, for cached and pushed manifests.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.media_type.len() + 1 + self.bytes.len());
-        v.extend_from_slice(self.media_type.as_bytes());
-        v.push(b'\n');
-        v.extend_from_slice(&self.bytes);
-        v
-    }
-
-    /// Reads a record back; `None` when it is malformed or no longer matches its digest.
-    pub fn decode(digest: &Digest, record: Vec<u8>) -> Option<Manifest> {
-        let nl = record.iter().position(|&b| b == b'\n')?;
-        let media_type = std::str::from_utf8(&record[..nl]).ok()?.to_owned();
-        let bytes = Bytes::from(record).slice(nl + 1..);
-        // A record that no longer matches its name is treated as absent (and refetched).
-        (Digest::of(&bytes) == *digest).then(|| Manifest { digest: digest.clone(), media_type, bytes })
-    }
-}
-
-/// A tag's last known meaning.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-struct TagEntry {
-    digest: String,
-    media_type: String,
-    /// Unix seconds of the last upstream confirmation.
-    validated_at: u64,
-}
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct TagKey {
@@ -107,10 +44,7 @@ struct TagKey {
 
 impl TagKey {
     fn object_key(&self) -> String {
-        // `_tags` cannot be a repository component (components start with [a-z0-9]), and a
-        // tag cannot contain `/`: the two answers of one tag never collide with another tag's.
-        let form = if self.index { "index" } else { "single" };
-        format!("tags/{}/{}/_tags/{}/{form}", self.registry, self.repo, self.tag)
+        layout::tag_entry(&self.registry, &self.repo, &self.tag, self.index)
     }
 }
 
@@ -147,65 +81,6 @@ struct BlobFetch {
 
 type SharedManifest = Shared<BoxFuture<'static, Result<(Arc<Manifest>, Source), ProtocolError>>>;
 
-/// A blob to send: its total size, the byte range chosen, and the body (absent for HEAD).
-pub struct BlobAnswer {
-    /// Full size of the blob, if known.
-    pub size: Option<u64>,
-    /// `(start, end_inclusive)` when answering a satisfiable `Range`.
-    pub range: Option<(u64, u64)>,
-    /// The bytes; `None` for HEAD.
-    pub body: Option<ByteStream>,
-    /// Where it came from.
-    pub source: Source,
-}
-
-/// A parsed single `Range: bytes=` request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ByteRange {
-    /// `bytes=a-` or `bytes=a-b` (inclusive).
-    From(u64, Option<u64>),
-    /// `bytes=-n`: the last n bytes.
-    Suffix(u64),
-}
-
-impl ByteRange {
-    /// Parses one range; multi-range and malformed headers yield `None` (answered with the
-    /// whole blob, as RFC 9110 allows).
-    pub fn parse(h: &str) -> Option<ByteRange> {
-        let spec = h.trim().strip_prefix("bytes=")?;
-        if spec.contains(',') {
-            return None;
-        }
-        let (a, b) = spec.split_once('-')?;
-        let (a, b) = (a.trim(), b.trim());
-        if a.is_empty() {
-            return b.parse().ok().map(ByteRange::Suffix);
-        }
-        let start = a.parse().ok()?;
-        let end = if b.is_empty() { None } else { Some(b.parse().ok()?) };
-        if end.is_some_and(|e| e < start) {
-            return None;
-        }
-        Some(ByteRange::From(start, end))
-    }
-
-    /// The inclusive span within a blob of `size` bytes, or `None` if unsatisfiable.
-    pub fn resolve(self, size: u64) -> Option<(u64, u64)> {
-        match self {
-            _ if size == 0 => None,
-            ByteRange::From(s, _) if s >= size => None,
-            ByteRange::From(s, e) => Some((s, e.unwrap_or(size - 1).min(size - 1))),
-            ByteRange::Suffix(0) => None,
-            ByteRange::Suffix(n) => Some((size.saturating_sub(n), size - 1)),
-        }
-    }
-}
-
-fn unsatisfiable(size: u64) -> ProtocolError {
-    ProtocolError::new(ErrorCode::RangeInvalid, format!("range not satisfiable; the blob has {size} bytes"))
-        .with_detail(serde_json::json!({ "size": size }))
-}
-
 /// The cache over a set of registries' upstream pools.
 pub struct Cache {
     storage: Arc<dyn Storage>,
@@ -224,11 +99,6 @@ pub struct Cache {
 
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn internal(what: &str, e: impl std::fmt::Display) -> ProtocolError {
-    tracing::error!(error = %e, "{what}");
-    ProtocolError::new(ErrorCode::Unavailable, format!("{what}: {e}"))
 }
 
 impl Cache {
@@ -273,7 +143,7 @@ impl Cache {
         if !self.guard_private {
             return Ok(true);
         }
-        match crate::hosted::is_private(&*self.storage, digest).await {
+        match marks::is_private(&*self.storage, digest).await {
             Ok(false) => return Ok(true),
             Ok(true) => {}
             Err(e) => return Err(internal("cannot read hosted mark", e)),
@@ -290,7 +160,7 @@ impl Cache {
         };
         match pool.send(&req).await {
             Ok(_) => {
-                if let Err(e) = crate::hosted::mark_public(&*self.storage, digest).await {
+                if let Err(e) = marks::mark_public(&*self.storage, digest).await {
                     tracing::warn!(%digest, error = %e, "cannot record that a pushed digest is public");
                 }
                 Ok(true)
@@ -328,22 +198,22 @@ impl Cache {
         if let Some(m) = self.manifests.get(digest).await {
             return Some(m);
         }
-        let record = match self.storage.get_object(&format!("manifests/sha256/{}", digest.hex())).await {
+        let record = match self.storage.get_object(&layout::manifest_record(digest)).await {
             Ok(r) => r?,
             Err(e) => {
                 tracing::warn!(%digest, error = %e, "cannot read manifest record");
                 return None;
             }
         };
-        let m = Arc::new(Manifest::decode(digest, record)?);
+        let m = Arc::new(decode_manifest(digest, record)?);
         self.manifests.insert(digest.clone(), m.clone()).await;
         Some(m)
     }
 
     async fn store_manifest(&self, m: &Arc<Manifest>) {
         self.manifests.insert(m.digest.clone(), m.clone()).await;
-        let key = format!("manifests/sha256/{}", m.digest.hex());
-        if let Err(e) = self.storage.put_object(&key, m.encode()).await {
+        let key = layout::manifest_record(&m.digest);
+        if let Err(e) = self.storage.put_object(&key, encode_manifest(m)).await {
             self.metrics.cache_write_errors.inc();
             tracing::warn!(digest = %m.digest, error = %e, "manifest served but not persisted");
         }
@@ -498,7 +368,7 @@ impl Cache {
             return Some(e);
         }
         let raw = self.storage.get_object(&key.object_key()).await.ok()??;
-        let e: TagEntry = serde_json::from_slice(&raw).ok()?;
+        let e = TagEntry::decode(&raw)?;
         self.tags.insert(key.clone(), e.clone()).await;
         Some(e)
     }
@@ -506,8 +376,7 @@ impl Cache {
     async fn save_tag(&self, key: &TagKey, m: &Manifest) {
         let e = TagEntry { digest: m.digest.to_string(), media_type: m.media_type.clone(), validated_at: now_secs() };
         self.tags.insert(key.clone(), e.clone()).await;
-        let bytes = serde_json::to_vec(&e).unwrap_or_default();
-        if let Err(err) = self.storage.put_object(&key.object_key(), bytes).await {
+        if let Err(err) = self.storage.put_object(&key.object_key(), e.encode()).await {
             self.metrics.cache_write_errors.inc();
             tracing::warn!(error = %err, "tag mapping not persisted");
         }
@@ -1068,15 +937,6 @@ fn body_span(resp: &reqwest::Response) -> Option<(u64, Option<u64>)> {
     Some((start.parse().ok()?, total.parse().ok()))
 }
 
-/// The client's `Accept` list, or every manifest type Ferry knows when it sent none.
-fn accept_or_all(accept: &[String]) -> Vec<String> {
-    if accept.is_empty() {
-        MANIFEST_MEDIA_TYPES.iter().map(|s| s.to_string()).collect()
-    } else {
-        accept.to_vec()
-    }
-}
-
 /// Reads a manifest body (bounded) and checks it against the digest it was asked by.
 async fn read_manifest(answer: Answer, reference: &Reference) -> Result<Manifest, Reason> {
     let resp = answer.response;
@@ -1199,52 +1059,4 @@ fn tail_stream(
         }
     })
     .boxed()
-}
-
-/// Parses the `Accept` header values of a request into a list.
-pub fn accept_list(headers: &http::HeaderMap) -> Vec<String> {
-    headers
-        .get_all(http::header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges() {
-        assert_eq!(ByteRange::parse("bytes=0-99"), Some(ByteRange::From(0, Some(99))));
-        assert_eq!(ByteRange::parse("bytes=100-"), Some(ByteRange::From(100, None)));
-        assert_eq!(ByteRange::parse("bytes=-5"), Some(ByteRange::Suffix(5)));
-        assert_eq!(ByteRange::parse("bytes=5-1"), None);
-        assert_eq!(ByteRange::parse("bytes=0-1,3-4"), None);
-        assert_eq!(ByteRange::parse("items=0-1"), None);
-        assert_eq!(ByteRange::From(0, Some(99)).resolve(50), Some((0, 49)));
-        assert_eq!(ByteRange::From(50, None).resolve(50), None);
-        assert_eq!(ByteRange::Suffix(10).resolve(5), Some((0, 4)));
-        assert_eq!(ByteRange::Suffix(0).resolve(5), None);
-    }
-
-    #[test]
-    fn manifest_records_round_trip() {
-        let bytes = Bytes::from_static(b"{\"schemaVersion\":2}");
-        let m = Manifest {
-            digest: Digest::of(&bytes),
-            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-            bytes,
-        };
-        let back = Manifest::decode(&m.digest, m.encode()).unwrap();
-        assert_eq!(back.bytes, m.bytes);
-        assert_eq!(back.media_type, m.media_type);
-        let mut corrupt = m.encode();
-        let last = corrupt.len() - 1;
-        corrupt[last] ^= 1;
-        assert!(Manifest::decode(&m.digest, corrupt).is_none());
-    }
 }

@@ -1,18 +1,8 @@
 //! Private namespaces: a conforming OCI registry (distribution-spec 1.1) for repositories under
 //! `hosted.namespaces`, on the same port and the same content-addressed blob store as the cache.
 //!
-//! Layout in storage (metadata objects, written through the [`Storage`] trait):
-//!
-//! ```text
-//! blobs/sha256/ab/ab12…                         blob bytes, shared with the cache
-//! manifests/sha256/<hex>                         manifest record (media type "\n" exact bytes), shared
-//! hosted/blobs/<hex>                             mark: hosted content uses this digest (eviction skips it)
-//! hosted/catalog/<repo>/_repo                    the repository exists (for /v2/_catalog)
-//! hosted/repos/<repo>/_layers/<hex>              blob link: the repository may serve this blob
-//! hosted/repos/<repo>/_manifests/revisions/<hex> manifest link
-//! hosted/repos/<repo>/_manifests/tags/<tag>      tag → digest
-//! hosted/repos/<repo>/_referrers/<subject>/<hex> referrer descriptor (JSON)
-//! ```
+//! What it keeps in storage (links, tags, referrers, marks) is laid out in
+//! [`crate::storage::layout`].
 //!
 //! Per-repository links (as in Distribution) keep one team's private layer unreadable through
 //! another repository even though the bytes are stored once. Repository components start with
@@ -28,115 +18,28 @@
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::auth::{unauthorized, Auth, Identity};
-use crate::cache::ByteRange;
 use crate::config::{Access, HostedConfig};
 use crate::distribution::{
-    Digest, DigestVerifier, ErrorCode, ProtocolError, Reference, RepoName, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2,
-    MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST,
+    internal, range_header, Answer, BlobAnswer, Digest, DigestVerifier, ErrorCode, Manifest, ProtocolError, Reference,
+    RepoName, Source, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST,
 };
-use crate::storage::{ByteStream, Staged, Storage};
+use crate::storage::records::{decode_manifest, encode_manifest};
+use crate::storage::{layout, marks, ByteStream, Staged, Storage};
 
 /// Upload data is written in batches of about this size: few, large writes.
 const WRITE_BATCH: usize = 1024 * 1024;
 
 /// Most upload sessions open at once (each holds a staging file).
 const MAX_SESSIONS: usize = 4096;
-
-/// The key of the mark that says hosted content uses `digest`.
-fn mark_key(digest: &Digest) -> String {
-    format!("hosted/blobs/{}", digest.hex())
-}
-
-/// Whether this digest is known only from a push (a private image's own layer or manifest),
-/// not from any upstream. The proxied side must not serve such content to whoever names its
-/// digest, unless an upstream confirms it is public (then [`mark_public`]).
-pub async fn is_private(storage: &dyn Storage, digest: &Digest) -> io::Result<bool> {
-    let Some(raw) = storage.get_object(&mark_key(digest)).await? else { return Ok(false) };
-    Ok(serde_json::from_slice::<Mark>(&raw).map(|m| !m.shared).unwrap_or(true))
-}
-
-/// Records that an upstream serves this digest too: it is public, and (as shared content) `gc`
-/// leaves its bytes to the cache.
-pub async fn mark_public(storage: &dyn Storage, digest: &Digest) -> io::Result<()> {
-    let Some(raw) = storage.get_object(&mark_key(digest)).await? else { return Ok(()) };
-    let Ok(mut mark) = serde_json::from_slice::<Mark>(&raw) else { return Ok(()) };
-    if mark.shared {
-        return Ok(());
-    }
-    mark.shared = true;
-    storage.put_object(&mark_key(digest), serde_json::to_vec(&mark).map_err(io::Error::other)?).await
-}
-
-/// The hex digests of everything hosted content uses: one listing, for the cache's start-up
-/// inventory (instead of one lookup per blob).
-pub async fn hosted_digests(storage: &dyn Storage) -> io::Result<std::collections::HashSet<String>> {
-    let keys = storage.list_objects("hosted/blobs/").await?;
-    Ok(keys.into_iter().filter_map(|k| k.rsplit('/').next().map(str::to_owned)).collect())
-}
-
-/// Whether hosted content uses this digest (a blob or a manifest record). The cache's eviction
-/// must skip such blobs: they are the only copy of something pushed here.
-pub async fn is_hosted_blob(storage: &dyn Storage, digest: &Digest) -> io::Result<bool> {
-    Ok(storage.get_object(&mark_key(digest)).await?.is_some())
-}
-
-fn manifest_record_key(digest: &Digest) -> String {
-    format!("manifests/sha256/{}", digest.hex())
-}
-
-fn repo_key(repo: &RepoName, rest: &str) -> String {
-    format!("hosted/repos/{repo}/{rest}")
-}
-
-fn layer_link(repo: &RepoName, d: &Digest) -> String {
-    repo_key(repo, &format!("_layers/{}", d.hex()))
-}
-
-fn revision_link(repo: &RepoName, d: &Digest) -> String {
-    repo_key(repo, &format!("_manifests/revisions/{}", d.hex()))
-}
-
-fn tags_prefix(repo: &RepoName) -> String {
-    repo_key(repo, "_manifests/tags/")
-}
-
-fn referrers_prefix(repo: &RepoName, subject: &Digest) -> String {
-    repo_key(repo, &format!("_referrers/{}/", subject.hex()))
-}
-
-fn catalog_key(repo: &RepoName) -> String {
-    format!("hosted/catalog/{repo}/_repo")
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn internal(what: &str, e: impl std::fmt::Display) -> ProtocolError {
-    tracing::error!(error = %e, "{what}");
-    ProtocolError::new(ErrorCode::Unavailable, format!("{what}: {e}"))
-}
-
-/// What a hosted mark records.
-#[derive(Debug, Serialize, Deserialize)]
-struct Mark {
-    /// `blob` or `manifest`.
-    kind: String,
-    /// The content was already stored (by the cache) when hosted content first used it: `gc`
-    /// then drops only the mark and leaves the bytes to the cache's eviction.
-    shared: bool,
-    /// Unix seconds when first used; `gc` leaves young marks alone (pushes in progress).
-    since: u64,
-}
 
 /// The endpoint of a hosted request (the part after the repository name).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,55 +72,6 @@ pub struct HostedRequest<'a> {
     pub who: &'a Identity,
     /// The request body.
     pub body: ByteStream,
-}
-
-/// A response body.
-pub enum ReplyBody {
-    /// No body.
-    Empty,
-    /// Small, in memory.
-    Bytes(Bytes),
-    /// Streamed (blobs).
-    Stream(ByteStream),
-}
-
-/// A response, converted to hyper's types by the server.
-pub struct Reply {
-    /// Status.
-    pub status: StatusCode,
-    /// Headers (Content-Length included where known).
-    pub headers: HeaderMap,
-    /// Body.
-    pub body: ReplyBody,
-}
-
-impl Reply {
-    fn new(status: StatusCode) -> Reply {
-        let mut r = Reply { status, headers: HeaderMap::new(), body: ReplyBody::Empty };
-        r.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-        r
-    }
-
-    fn header(mut self, name: HeaderName, value: impl ToString) -> Reply {
-        // Every value set here is built from validated names, digests and numbers.
-        if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
-            self.headers.insert(name, v);
-        }
-        self
-    }
-
-    fn json(status: StatusCode, body: Vec<u8>, content_type: &str, head: bool) -> Reply {
-        let len = body.len();
-        let mut r = Reply::new(status).header(header::CONTENT_TYPE, content_type).header(header::CONTENT_LENGTH, len);
-        if !head {
-            r.body = ReplyBody::Bytes(Bytes::from(body));
-        }
-        r
-    }
-}
-
-fn h(name: &'static str) -> HeaderName {
-    HeaderName::from_static(name)
 }
 
 /// One upload session.
@@ -282,11 +136,6 @@ impl ManifestDoc {
     fn references(&self) -> impl Iterator<Item = &Descriptor> {
         self.config.iter().chain(&self.layers).chain(&self.manifests)
     }
-}
-
-/// The record format is the cache's: hosted and proxied manifests share `manifests/sha256/`.
-fn decode_record(digest: &Digest, record: Vec<u8>) -> Option<(String, Bytes)> {
-    crate::cache::Manifest::decode(digest, record).map(|m| (m.media_type, m.bytes))
 }
 
 fn query_param(query: Option<&str>, key: &str) -> Option<String> {
@@ -380,7 +229,7 @@ impl Hosted {
     }
 
     /// Answers one hosted request.
-    pub async fn handle(&self, req: HostedRequest<'_>) -> Result<Reply, ProtocolError> {
+    pub async fn handle(&self, req: HostedRequest<'_>) -> Result<Answer, ProtocolError> {
         let repo = RepoName::parse(req.name)?;
         let head = *req.method == Method::HEAD;
         let read = head || *req.method == Method::GET;
@@ -441,13 +290,7 @@ impl Hosted {
 
     /// Marks `digest` as used by hosted content (before the content is committed).
     async fn claim(&self, digest: &Digest, kind: &str, already_stored: bool) -> Result<(), ProtocolError> {
-        let key = mark_key(digest);
-        if self.exists(&key).await? {
-            return Ok(());
-        }
-        let mark = Mark { kind: kind.to_owned(), shared: already_stored, since: now_secs() };
-        let bytes = serde_json::to_vec(&mark).map_err(|e| internal("cannot encode mark", e))?;
-        self.put(&key, bytes).await
+        marks::claim(&*self.storage, digest, kind, already_stored).await.map_err(|e| internal("cannot write mark", e))
     }
 
     async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, ProtocolError> {
@@ -456,23 +299,23 @@ impl Hosted {
 
     /// The size of a blob this repository may serve, or `None`.
     async fn linked_blob(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, ProtocolError> {
-        if !self.exists(&layer_link(repo, digest)).await? {
+        if !self.exists(&layout::layer_link(repo, digest)).await? {
             return Ok(None);
         }
         self.blob_size(digest).await
     }
 
     async fn link_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(), ProtocolError> {
-        self.put(&layer_link(repo, digest), digest.to_string().into_bytes()).await
+        self.put(&layout::layer_link(repo, digest), digest.to_string().into_bytes()).await
     }
 
-    async fn manifest_record(&self, digest: &Digest) -> Result<Option<(String, Bytes)>, ProtocolError> {
+    async fn manifest_record(&self, digest: &Digest) -> Result<Option<Manifest>, ProtocolError> {
         let record = self
             .storage
-            .get_object(&manifest_record_key(digest))
+            .get_object(&layout::manifest_record(digest))
             .await
             .map_err(|e| internal("cannot read manifest", e))?;
-        Ok(record.and_then(|r| decode_record(digest, r)))
+        Ok(record.and_then(|r| decode_manifest(digest, r)))
     }
 
     // ----- manifests -----
@@ -484,33 +327,25 @@ impl Hosted {
             Reference::Tag(t) => {
                 let link = self
                     .storage
-                    .get_object(&format!("{}{t}", tags_prefix(repo)))
+                    .get_object(&layout::hosted_tag(repo, &t))
                     .await
                     .map_err(|e| internal("cannot read tag", e))?
                     .ok_or_else(unknown)?;
                 std::str::from_utf8(&link).ok().and_then(|s| Digest::parse(s).ok()).ok_or_else(unknown)
             }
-            Reference::Digest(d) => match self.exists(&revision_link(repo, &d)).await? {
+            Reference::Digest(d) => match self.exists(&layout::revision_link(repo, &d)).await? {
                 true => Ok(d),
                 false => Err(unknown()),
             },
         }
     }
 
-    async fn get_manifest(&self, repo: &RepoName, reference: &str, head: bool) -> Result<Reply, ProtocolError> {
+    async fn get_manifest(&self, repo: &RepoName, reference: &str, head: bool) -> Result<Answer, ProtocolError> {
         let digest = self.resolve(repo, reference).await?;
-        let (media_type, bytes) = self.manifest_record(&digest).await?.ok_or_else(|| {
+        let manifest = self.manifest_record(&digest).await?.ok_or_else(|| {
             ProtocolError::new(ErrorCode::ManifestUnknown, format!("manifest {digest} is missing from storage"))
         })?;
-        let mut r = Reply::new(StatusCode::OK)
-            .header(header::CONTENT_TYPE, &media_type)
-            .header(h("docker-content-digest"), &digest)
-            .header(header::ETAG, format!("\"{digest}\""))
-            .header(header::CONTENT_LENGTH, bytes.len());
-        if !head {
-            r.body = ReplyBody::Bytes(bytes);
-        }
-        Ok(r)
+        Ok(Answer::Manifest { manifest: Arc::new(manifest), source: Source::Hosted, head })
     }
 
     async fn put_manifest(
@@ -519,7 +354,7 @@ impl Hosted {
         reference: &str,
         headers: &HeaderMap,
         mut body: ByteStream,
-    ) -> Result<Reply, ProtocolError> {
+    ) -> Result<Answer, ProtocolError> {
         let reference = Reference::parse(reference)?;
         let too_large = || {
             let e = ProtocolError::new(
@@ -527,7 +362,7 @@ impl Hosted {
                 format!("manifest larger than the {MAX_MANIFEST_BYTES}-byte limit"),
             );
             // The spec asks for 413 here, a status no error code maps to.
-            Ok(Reply::json(StatusCode::PAYLOAD_TOO_LARGE, e.body().into_bytes(), "application/json", false))
+            Err(e.with_status(StatusCode::PAYLOAD_TOO_LARGE))
         };
         let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|l| l > MAX_MANIFEST_BYTES as u64) {
@@ -585,7 +420,7 @@ impl Hosted {
         if ManifestDoc::is_index(&media_type) {
             for m in &doc.manifests {
                 let d = parse(m)?;
-                if !self.exists(&revision_link(repo, &d)).await? {
+                if !self.exists(&layout::revision_link(repo, &d)).await? {
                     return Err(missing("manifest", &d));
                 }
             }
@@ -611,17 +446,16 @@ impl Hosted {
         let record_stored = self.manifest_record(&digest).await?.is_some();
         self.claim(&digest, "manifest", record_stored).await?;
         if !record_stored {
-            let record = crate::cache::Manifest {
+            let record = encode_manifest(&Manifest {
                 digest: digest.clone(),
                 media_type: media_type.to_string(),
                 bytes: bytes.clone(),
-            }
-            .encode();
-            self.put(&manifest_record_key(&digest), record).await?;
+            });
+            self.put(&layout::manifest_record(&digest), record).await?;
         }
-        self.put(&revision_link(repo, &digest), digest.to_string().into_bytes()).await?;
-        if !self.exists(&catalog_key(repo)).await? {
-            self.put(&catalog_key(repo), Vec::new()).await?;
+        self.put(&layout::revision_link(repo, &digest), digest.to_string().into_bytes()).await?;
+        if !self.exists(&layout::catalog_entry(repo)).await? {
+            self.put(&layout::catalog_entry(repo), Vec::new()).await?;
         }
         if let Some(subject) = &subject {
             let artifact_type = doc.artifact_type.clone().or_else(|| {
@@ -639,56 +473,50 @@ impl Hosted {
             if let Some(a) = &doc.annotations {
                 desc["annotations"] = serde_json::Value::Object(a.clone());
             }
-            let key = format!("{}{}", referrers_prefix(repo, subject), digest.hex());
+            let key = layout::referrer(repo, subject, &digest);
             self.put(&key, desc.to_string().into_bytes()).await?;
         }
         if let Reference::Tag(t) = &reference {
-            self.put(&format!("{}{t}", tags_prefix(repo)), digest.to_string().into_bytes()).await?;
+            self.put(&layout::hosted_tag(repo, t), digest.to_string().into_bytes()).await?;
         }
         tracing::info!(target: "ferry::hosted", %repo, reference = %reference, %digest, "manifest stored");
-        let mut r = Reply::new(StatusCode::CREATED)
-            .header(header::LOCATION, format!("/v2/{repo}/manifests/{digest}"))
-            .header(h("docker-content-digest"), &digest);
-        if let Some(s) = subject {
-            r = r.header(h("oci-subject"), s);
-        }
-        Ok(r)
+        Ok(Answer::Created { location: format!("/v2/{repo}/manifests/{digest}"), digest, subject })
     }
 
-    async fn delete_manifest(&self, repo: &RepoName, reference: &str) -> Result<Reply, ProtocolError> {
+    async fn delete_manifest(&self, repo: &RepoName, reference: &str) -> Result<Answer, ProtocolError> {
         let unknown =
             || ProtocolError::new(ErrorCode::ManifestUnknown, format!("manifest {repo}:{reference} is unknown"));
         match Reference::parse(reference)? {
             Reference::Tag(t) => {
                 // Deleting by tag removes the tag only (distribution-spec 1.1).
-                if !self.delete(&format!("{}{t}", tags_prefix(repo))).await? {
+                if !self.delete(&layout::hosted_tag(repo, &t)).await? {
                     return Err(unknown());
                 }
             }
             Reference::Digest(d) => {
-                if !self.exists(&revision_link(repo, &d)).await? {
+                if !self.exists(&layout::revision_link(repo, &d)).await? {
                     return Err(unknown());
                 }
                 // Tags first: no tag may point at a manifest that is no longer served.
-                let prefix = tags_prefix(repo);
+                let prefix = layout::tags_dir(repo);
                 for key in self.list(&prefix).await? {
                     let target = self.storage.get_object(&key).await.map_err(|e| internal("cannot read tag", e))?;
                     if target.as_deref() == Some(d.to_string().as_bytes()) {
                         self.delete(&key).await?;
                     }
                 }
-                if let Some((_, bytes)) = self.manifest_record(&d).await? {
-                    if let Ok(doc) = serde_json::from_slice::<ManifestDoc>(&bytes) {
+                if let Some(m) = self.manifest_record(&d).await? {
+                    if let Ok(doc) = serde_json::from_slice::<ManifestDoc>(&m.bytes) {
                         if let Some(subject) = doc.subject.and_then(|s| Digest::parse(&s.digest).ok()) {
-                            self.delete(&format!("{}{}", referrers_prefix(repo, &subject), d.hex())).await?;
+                            self.delete(&layout::referrer(repo, &subject, &d)).await?;
                         }
                     }
                 }
-                self.delete(&revision_link(repo, &d)).await?;
+                self.delete(&layout::revision_link(repo, &d)).await?;
                 tracing::info!(target: "ferry::hosted", %repo, digest = %d, "manifest deleted");
             }
         }
-        Ok(Reply::new(StatusCode::ACCEPTED))
+        Ok(Answer::Status(StatusCode::ACCEPTED))
     }
 
     // ----- blobs -----
@@ -699,67 +527,48 @@ impl Hosted {
         d: &str,
         headers: &HeaderMap,
         head: bool,
-    ) -> Result<Reply, ProtocolError> {
+    ) -> Result<Answer, ProtocolError> {
         let digest = Digest::parse(d)?;
         let size = self
             .linked_blob(repo, &digest)
             .await?
             .ok_or_else(|| ProtocolError::new(ErrorCode::BlobUnknown, format!("blob {digest} is not in {repo}")))?;
-        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(ByteRange::parse);
-        let span = match range {
-            Some(r) => Some(r.resolve(size).ok_or_else(|| {
-                ProtocolError::new(ErrorCode::RangeInvalid, format!("range not satisfiable; the blob has {size} bytes"))
-            })?),
+        let span = match range_header(headers) {
+            Some(r) => Some(r.span(size)?),
             None => None,
         };
-        let (status, start, end) = match span {
-            Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e + 1),
-            None => (StatusCode::OK, 0, size),
-        };
-        let mut r = Reply::new(status)
-            .header(header::CONTENT_TYPE, "application/octet-stream")
-            .header(h("docker-content-digest"), &digest)
-            .header(header::ETAG, format!("\"{digest}\""))
-            .header(header::ACCEPT_RANGES, "bytes")
-            .header(header::CONTENT_LENGTH, end - start);
-        if span.is_some() {
-            r = r.header(header::CONTENT_RANGE, format!("bytes {start}-{}/{size}", end - 1));
-        }
-        if !head {
+        let body = if head {
+            None
+        } else {
+            let (start, end) = span.map_or((0, size), |(s, e)| (s, e + 1));
             let stream = self
                 .storage
                 .read_blob(&digest, start, end)
                 .await
                 .map_err(|e| internal("cannot read blob", e))?
                 .ok_or_else(|| ProtocolError::new(ErrorCode::BlobUnknown, format!("blob {digest} is gone")))?;
-            r.body = ReplyBody::Stream(stream);
-        }
-        Ok(r)
+            Some(stream)
+        };
+        Ok(Answer::Blob { digest, blob: BlobAnswer { size: Some(size), range: span, body, source: Source::Hosted } })
     }
 
-    async fn delete_blob(&self, repo: &RepoName, d: &str) -> Result<Reply, ProtocolError> {
+    async fn delete_blob(&self, repo: &RepoName, d: &str) -> Result<Answer, ProtocolError> {
         let digest = Digest::parse(d)?;
         // Only the link goes: the bytes may be shared, and `ferry gc` decides about them.
-        if !self.delete(&layer_link(repo, &digest)).await? {
+        if !self.delete(&layout::layer_link(repo, &digest)).await? {
             return Err(ProtocolError::new(ErrorCode::BlobUnknown, format!("blob {digest} is not in {repo}")));
         }
-        Ok(Reply::new(StatusCode::ACCEPTED))
+        Ok(Answer::Status(StatusCode::ACCEPTED))
     }
 
     // ----- uploads -----
 
-    fn upload_reply(status: StatusCode, repo: &RepoName, id: &str, written: u64) -> Reply {
-        // Distribution's convention: an empty upload reports 0-0.
-        Reply::new(status)
-            .header(header::LOCATION, format!("/v2/{repo}/blobs/uploads/{id}"))
-            .header(h("docker-upload-uuid"), id)
-            .header(header::RANGE, format!("0-{}", written.saturating_sub(1)))
+    fn upload_reply(status: StatusCode, repo: &RepoName, id: &str, written: u64) -> Answer {
+        Answer::Upload { status, location: format!("/v2/{repo}/blobs/uploads/{id}"), id: id.to_owned(), written }
     }
 
-    fn blob_created(repo: &RepoName, digest: &Digest) -> Reply {
-        Reply::new(StatusCode::CREATED)
-            .header(header::LOCATION, format!("/v2/{repo}/blobs/{digest}"))
-            .header(h("docker-content-digest"), digest)
+    fn blob_created(repo: &RepoName, digest: &Digest) -> Answer {
+        Answer::Created { location: format!("/v2/{repo}/blobs/{digest}"), digest: digest.clone(), subject: None }
     }
 
     async fn start_upload(
@@ -768,7 +577,7 @@ impl Hosted {
         query: Option<&str>,
         who: &Identity,
         body: ByteStream,
-    ) -> Result<Reply, ProtocolError> {
+    ) -> Result<Answer, ProtocolError> {
         if let (Some(mount), Some(from)) = (query_param(query, "mount"), query_param(query, "from")) {
             if let Some(r) = self.try_mount(repo, &mount, &from, who).await? {
                 return Ok(r);
@@ -815,7 +624,7 @@ impl Hosted {
         mount: &str,
         from: &str,
         who: &Identity,
-    ) -> Result<Option<Reply>, ProtocolError> {
+    ) -> Result<Option<Answer>, ProtocolError> {
         let (Ok(digest), Ok(from)) = (Digest::parse(mount), RepoName::parse(from)) else { return Ok(None) };
         if !self.is_hosted(from.as_str()) || self.auth.check(who, from.as_str(), Access::Pull).is_err() {
             return Ok(None);
@@ -851,7 +660,7 @@ impl Hosted {
         id: &str,
         headers: &HeaderMap,
         body: ByteStream,
-    ) -> Result<Reply, ProtocolError> {
+    ) -> Result<Answer, ProtocolError> {
         let session = self.session(repo, id)?;
         let state = session.state.clone().lock_owned().await;
         let limit = chunk_limit(headers, state.written)?;
@@ -868,7 +677,7 @@ impl Hosted {
         query: Option<&str>,
         headers: &HeaderMap,
         body: ByteStream,
-    ) -> Result<Reply, ProtocolError> {
+    ) -> Result<Answer, ProtocolError> {
         let session = self.session(repo, id)?;
         let digest = query_param(query, "digest")
             .ok_or_else(|| ProtocolError::new(ErrorCode::DigestInvalid, "the closing PUT needs ?digest="))
@@ -912,7 +721,7 @@ impl Hosted {
         Ok(())
     }
 
-    async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<Reply, ProtocolError> {
+    async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<Answer, ProtocolError> {
         let session = self.session(repo, id)?;
         let state = session.state.lock().await;
         if state.staged.is_none() {
@@ -921,29 +730,29 @@ impl Hosted {
         Ok(Hosted::upload_reply(StatusCode::NO_CONTENT, repo, id, state.written))
     }
 
-    fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<Reply, ProtocolError> {
+    fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<Answer, ProtocolError> {
         self.session(repo, id)?;
         self.forget(id);
-        Ok(Reply::new(StatusCode::NO_CONTENT))
+        Ok(Answer::Status(StatusCode::NO_CONTENT))
     }
 
     // ----- discovery -----
 
-    async fn tags(&self, repo: &RepoName, query: Option<&str>, head: bool) -> Result<Reply, ProtocolError> {
-        if !self.exists(&catalog_key(repo)).await? {
+    async fn tags(&self, repo: &RepoName, query: Option<&str>, head: bool) -> Result<Answer, ProtocolError> {
+        if !self.exists(&layout::catalog_entry(repo)).await? {
             return Err(ProtocolError::new(ErrorCode::NameUnknown, format!("repository {repo} is unknown")));
         }
         let page = Page::parse(query)?;
-        let prefix = tags_prefix(repo);
+        let prefix = layout::tags_dir(repo);
         let mut tags: Vec<String> =
             self.list(&prefix).await?.into_iter().filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned)).collect();
         tags.sort();
         let (tags, next) = page.apply(tags);
-        let body = serde_json::json!({ "name": repo.as_str(), "tags": tags }).to_string().into_bytes();
-        let mut r = Reply::json(StatusCode::OK, body, "application/json", head);
-        if let (Some(last), Some(n)) = (next, page.n) {
+        let body = serde_json::json!({ "name": repo.as_str(), "tags": tags }).to_string();
+        let mut r = Answer::json("application/json", body, head);
+        if let (Answer::Json { next: link, .. }, Some(last), Some(n)) = (&mut r, next, page.n) {
             let last: String = form_urlencoded::byte_serialize(last.as_bytes()).collect();
-            r = r.header(header::LINK, format!("</v2/{repo}/tags/list?n={n}&last={last}>; rel=\"next\""));
+            *link = Some(format!("</v2/{repo}/tags/list?n={n}&last={last}>; rel=\"next\""));
         }
         Ok(r)
     }
@@ -954,11 +763,11 @@ impl Hosted {
         d: &str,
         query: Option<&str>,
         head: bool,
-    ) -> Result<Reply, ProtocolError> {
+    ) -> Result<Answer, ProtocolError> {
         let subject = Digest::parse(d)?;
         let filter = query_param(query, "artifactType");
         let mut manifests = Vec::new();
-        for key in self.list(&referrers_prefix(repo, &subject)).await? {
+        for key in self.list(&layout::referrers_dir(repo, &subject)).await? {
             let Some(bytes) = self.storage.get_object(&key).await.map_err(|e| internal("cannot read referrer", e))?
             else {
                 continue;
@@ -969,34 +778,34 @@ impl Hosted {
             }
         }
         let body = serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
-        let mut r = Reply::json(StatusCode::OK, body.to_string().into_bytes(), OCI_INDEX, head);
-        if filter.is_some() {
-            r = r.header(h("oci-filters-applied"), "artifactType");
+        let mut r = Answer::json(OCI_INDEX, body.to_string(), head);
+        if let (Answer::Json { filters_applied, .. }, Some(_)) = (&mut r, &filter) {
+            *filters_applied = Some("artifactType");
         }
         Ok(r)
     }
 
     /// `GET /v2/_catalog`: the hosted repositories `who` may pull, paginated like tags.
-    pub async fn catalog(&self, who: &Identity, query: Option<&str>, head: bool) -> Result<Reply, ProtocolError> {
+    pub async fn catalog(&self, who: &Identity, query: Option<&str>, head: bool) -> Result<Answer, ProtocolError> {
         if *who == Identity::Anonymous && self.auth.access(who, "").is_none() {
             return Err(unauthorized("authentication required to list repositories"));
         }
         let page = Page::parse(query)?;
         let mut repos: Vec<String> = self
-            .list("hosted/catalog/")
+            .list(layout::CATALOG_PREFIX)
             .await?
             .into_iter()
-            .filter_map(|k| k.strip_prefix("hosted/catalog/")?.strip_suffix("/_repo").map(str::to_owned))
+            .filter_map(|k| layout::repo_from_catalog_key(&k).map(str::to_owned))
             .filter(|repo| self.auth.access(who, repo).is_some())
             .collect();
         // By name, not by storage key: `a/b` sorts after `a-b` though `a/b/_repo` does not.
         repos.sort();
         let (repos, next) = page.apply(repos);
-        let body = serde_json::json!({ "repositories": repos }).to_string().into_bytes();
-        let mut r = Reply::json(StatusCode::OK, body, "application/json", head);
-        if let (Some(last), Some(n)) = (next, page.n) {
+        let body = serde_json::json!({ "repositories": repos }).to_string();
+        let mut r = Answer::json("application/json", body, head);
+        if let (Answer::Json { next: link, .. }, Some(last), Some(n)) = (&mut r, next, page.n) {
             let last: String = form_urlencoded::byte_serialize(last.as_bytes()).collect();
-            r = r.header(header::LINK, format!("</v2/_catalog?n={n}&last={last}>; rel=\"next\""));
+            *link = Some(format!("</v2/_catalog?n={n}&last={last}>; rel=\"next\""));
         }
         Ok(r)
     }
@@ -1150,12 +959,12 @@ pub async fn gc(storage: &dyn Storage, grace: Duration, dry_run: bool) -> io::Re
     let mut report = GcReport::default();
     let mut live: HashSet<String> = HashSet::new();
     let mut layer_links: HashMap<String, Vec<String>> = HashMap::new();
-    for key in storage.list_objects("hosted/repos/").await? {
-        if let Some((_, hex)) = key.split_once("/_manifests/revisions/") {
-            let Ok(digest) = Digest::parse(&format!("sha256:{hex}")) else { continue };
+    for key in storage.list_objects(layout::REPOS_PREFIX).await? {
+        if let layout::RepoKey::Revision(hex) = layout::classify_repo_key(&key) {
+            let Some(digest) = layout::digest_from_hex(hex) else { continue };
             live.insert(digest.hex().to_owned());
-            let record = storage.get_object(&manifest_record_key(&digest)).await?;
-            let Some((_, bytes)) = record.and_then(|r| decode_record(&digest, r)) else {
+            let record = storage.get_object(&layout::manifest_record(&digest)).await?;
+            let Some(Manifest { bytes, .. }) = record.and_then(|r| decode_manifest(&digest, r)) else {
                 tracing::warn!(%digest, "manifest record missing or corrupt; its references are unknown");
                 continue;
             };
@@ -1166,21 +975,21 @@ pub async fn gc(storage: &dyn Storage, grace: Duration, dry_run: bool) -> io::Re
                     }
                 }
             }
-        } else if let Some((_, hex)) = key.split_once("/_layers/") {
+        } else if let layout::RepoKey::Layer(hex) = layout::classify_repo_key(&key) {
             layer_links.entry(hex.to_owned()).or_default().push(key.clone());
         }
     }
-    let now = now_secs();
-    for key in storage.list_objects("hosted/blobs/").await? {
-        let Some(hex) = key.strip_prefix("hosted/blobs/") else { continue };
-        let Ok(digest) = Digest::parse(&format!("sha256:{hex}")) else { continue };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    for key in storage.list_objects(layout::MARKS_PREFIX).await? {
+        let Some(hex) = key.strip_prefix(layout::MARKS_PREFIX) else { continue };
+        let Some(digest) = layout::digest_from_hex(hex) else { continue };
         if live.contains(hex) {
             report.kept += 1;
             continue;
         }
         let Some(mark) = storage.get_object(&key).await? else { continue };
-        let mark: Mark =
-            serde_json::from_slice(&mark).unwrap_or(Mark { kind: "blob".into(), shared: true, since: now });
+        // Undecodable: treated as young shared content, so it is never swept.
+        let mark = marks::decode(&mark).unwrap_or(marks::Mark { kind: "blob".into(), shared: true, since: now });
         if now.saturating_sub(mark.since) < grace.as_secs() {
             report.young += 1;
             continue;
@@ -1203,7 +1012,7 @@ pub async fn gc(storage: &dyn Storage, grace: Duration, dry_run: bool) -> io::Re
         match (mark.shared, mark.kind.as_str()) {
             (true, _) => report.released_shared.push(digest.clone()),
             (false, "manifest") => {
-                storage.delete_object(&manifest_record_key(&digest)).await?;
+                storage.delete_object(&layout::manifest_record(&digest)).await?;
                 report.removed_manifests.push(digest.clone());
             }
             (false, _) => {
@@ -1246,7 +1055,7 @@ mod tests {
         let repo = RepoName::parse("internal/app").unwrap();
         let body: ByteStream = Box::pin(futures_util::stream::empty());
         let reply = hosted.start_upload(&repo, None, &Identity::User("u".into()), body).await.unwrap();
-        assert_eq!(reply.status, StatusCode::ACCEPTED);
+        assert!(matches!(reply, Answer::Upload { status: StatusCode::ACCEPTED, .. }));
         assert_eq!(std::fs::read_dir(dir.join("tmp")).unwrap().count(), 1, "the upload has a staging file");
         assert_eq!(hosted.purge_uploads(Duration::from_secs(3600)), 0, "a fresh upload stays");
         assert_eq!(hosted.purge_uploads(Duration::ZERO), 1);

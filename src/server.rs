@@ -16,23 +16,25 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::auth::{Auth, Identity, CHALLENGE};
-use crate::cache::{accept_list, BlobAnswer, ByteRange, Cache, Source};
+use crate::cache::Cache;
 use crate::config::Config;
-use crate::distribution::{Digest, ErrorCode, ProtocolError, Reference};
-use crate::hosted::{Hosted, HostedRequest, Op, Reply, ReplyBody};
+use crate::distribution::{accept_list, range_header, Answer, Digest, ErrorCode, ProtocolError, Reference, Source};
+use crate::hosted::{Hosted, HostedRequest, Op};
 use crate::metrics::Metrics;
 use crate::registry::Router;
 use crate::storage::{FsStorage, Storage};
 use crate::upstream::Pool;
 
+pub mod response;
 mod tls;
+use response::text as text_response;
 pub use tls::Tls;
 
 /// Response body type: streamed, boxed, errors abort the connection.
@@ -43,7 +45,7 @@ pub struct App {
     router: Router,
     cache: Arc<Cache>,
     metrics: Arc<Metrics>,
-    storage_root: std::path::PathBuf,
+    storage: Arc<dyn Storage>,
     /// Client credentials (when `hosted.htpasswd` is set).
     auth: Option<Arc<Auth>>,
     /// Private namespaces (when `hosted.namespaces` is not empty).
@@ -121,12 +123,13 @@ impl App {
             _ => None,
         };
         let max_size = config.storage.max_size.map(|s| s.as_u64());
-        let cache = Cache::new(storage, pools, config.cache.clone(), max_size, hosted.is_some(), metrics.clone());
+        let cache =
+            Cache::new(storage.clone(), pools, config.cache.clone(), max_size, hosted.is_some(), metrics.clone());
         Ok(Arc::new(App {
             router: Router::new(config.registries.keys().cloned(), &config.default_registry),
             cache,
             metrics,
-            storage_root: config.storage.root.clone(),
+            storage: storage.clone(),
             auth,
             hosted,
             challenge: config.hosted.challenge,
@@ -145,7 +148,7 @@ impl App {
         let (route, result) = self.dispatch(req, client).await;
         let (mut resp, source) = match result {
             Ok(ok) => ok,
-            Err(e) => (error_response(&e, method == Method::HEAD, &challenge), None),
+            Err(e) => (response::error(&e, method == Method::HEAD, &challenge), None),
         };
         resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
         let status = resp.status();
@@ -245,7 +248,8 @@ impl App {
                 return ("other", Err(e));
             }
             "/v2" | "/v2/" if read_only => {
-                return ("other", Ok((json_response(StatusCode::OK, "{}", method == Method::HEAD), None)));
+                let ping = Answer::json("application/json", "{}", method == Method::HEAD);
+                return ("other", Ok((response::render(ping), None)));
             }
             "/v2/_catalog" if read_only && self.hosted.is_some() => {
                 let Some(hosted) = &self.hosted else { return ("other", Err(no_endpoint(path))) };
@@ -254,7 +258,7 @@ impl App {
                     Err(e) => return ("other", Err(e)),
                 };
                 let reply = hosted.catalog(&who, req.uri().query(), method == Method::HEAD).await;
-                return ("other", reply.map(|r| (reply_response(r), None)));
+                return ("other", reply.map(|r| (response::render(r), None)));
             }
             crate::auth::TOKEN_PATH if read_only && self.auth.is_some() => {
                 let Some(auth) = &self.auth else { return ("other", Err(no_endpoint(path))) };
@@ -282,10 +286,11 @@ impl App {
                             "expires_in": crate::auth::TOKEN_TTL.as_secs(),
                         })
                         .to_string();
-                        let mut r = text_response(StatusCode::OK, body);
-                        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                        r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                        ("other", Ok((r, None)))
+                        let mut answer = Answer::json("application/json", body, false);
+                        if let Answer::Json { no_store, .. } = &mut answer {
+                            *no_store = true;
+                        }
+                        ("other", Ok((response::render(answer), None)))
                     }
                     Err(e) => ("other", Err(e)),
                 };
@@ -326,7 +331,7 @@ impl App {
                 who: &who,
                 body,
             };
-            return (route_label, hosted.handle(hosted_req).await.map(|r| (reply_response(r), None)));
+            return (route_label, hosted.handle(hosted_req).await.map(|r| (response::render(r), None)));
         }
         let ns = query_param(req.uri().query(), "ns");
         let result = async {
@@ -357,25 +362,14 @@ impl App {
                 Endpoint::Manifest(r) => {
                     let reference = Reference::parse(r)?;
                     let accept = accept_list(req.headers());
-                    let (m, source) = self.cache.manifest(&route, &reference, &accept).await?;
-                    let resp = Response::builder()
-                        .status(StatusCode::OK)
-                        .header(header::CONTENT_TYPE, m.media_type.as_str())
-                        .header("docker-content-digest", m.digest.to_string())
-                        .header(header::ETAG, format!("\"{}\"", m.digest))
-                        .header(header::CONTENT_LENGTH, m.bytes.len());
-                    let body = if head { empty() } else { full(m.bytes.clone()) };
-                    let resp =
-                        resp.body(body).map_err(|e| ProtocolError::new(ErrorCode::ManifestInvalid, e.to_string()))?;
-                    Ok((resp, Some(source)))
+                    let (manifest, source) = self.cache.manifest(&route, &reference, &accept).await?;
+                    Ok((response::render(Answer::Manifest { manifest, source: source.clone(), head }), Some(source)))
                 }
                 Endpoint::Blob(d) => {
                     let digest = Digest::parse(d)?;
-                    let range =
-                        req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(ByteRange::parse);
-                    let answer = self.cache.blob(&route, &digest, range, head).await?;
-                    let source = answer.source.clone();
-                    Ok((blob_response(&digest, answer)?, Some(source)))
+                    let blob = self.cache.blob(&route, &digest, range_header(req.headers()), head).await?;
+                    let source = blob.source.clone();
+                    Ok((response::render(Answer::Blob { digest, blob }), Some(source)))
                 }
                 Endpoint::Uploads(_) => Err(ProtocolError::new(
                     ErrorCode::Unsupported,
@@ -410,10 +404,7 @@ impl App {
     }
 
     async fn readiness(&self) -> Response<Body> {
-        let probe = self.storage_root.join("tmp").join(format!(".readyz-{}", std::process::id()));
-        let ok = tokio::fs::write(&probe, b"ok").await.is_ok();
-        let _ = tokio::fs::remove_file(&probe).await;
-        if ok {
+        if self.storage.probe().await.is_ok() {
             text_response(StatusCode::OK, "ready\n")
         } else {
             text_response(StatusCode::SERVICE_UNAVAILABLE, "storage is not writable\n")
@@ -488,80 +479,8 @@ fn query_param(query: Option<&str>, key: &str) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == key).map(|(_, v)| v.into_owned())
 }
 
-fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed_unsync()
-}
-
-fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
-}
-
-fn text_response(status: StatusCode, text: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(full(text));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    r
-}
-
-fn json_response(status: StatusCode, json: &'static str, head: bool) -> Response<Body> {
-    let mut r = Response::new(if head { empty() } else { full(json) });
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(json.len()));
-    r
-}
-
-fn error_response(e: &ProtocolError, head: bool, challenge: &HeaderValue) -> Response<Body> {
-    let body = e.body();
-    let len = body.len();
-    let mut r = Response::new(if head { empty() } else { full(body) });
-    *r.status_mut() = e.code.status();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    if e.code == ErrorCode::Unauthorized {
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, challenge.clone());
-    }
-    r
-}
-
 fn no_endpoint(path: &str) -> ProtocolError {
     ProtocolError::new(ErrorCode::NameUnknown, format!("no such endpoint: {path}"))
-}
-
-/// A hosted answer in hyper's types.
-fn reply_response(reply: Reply) -> Response<Body> {
-    let body = match reply.body {
-        ReplyBody::Empty => empty(),
-        ReplyBody::Bytes(b) => full(b),
-        ReplyBody::Stream(s) => StreamBody::new(s.map_ok(Frame::data)).boxed_unsync(),
-    };
-    let mut r = Response::new(body);
-    *r.status_mut() = reply.status;
-    *r.headers_mut() = reply.headers;
-    r
-}
-
-fn blob_response(digest: &Digest, a: BlobAnswer) -> Result<Response<Body>, ProtocolError> {
-    let mut b = Response::builder()
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header("docker-content-digest", digest.to_string())
-        .header(header::ETAG, format!("\"{digest}\""))
-        .header(header::ACCEPT_RANGES, "bytes");
-    match (a.range, a.size) {
-        (Some((start, end)), Some(size)) => {
-            b = b
-                .status(StatusCode::PARTIAL_CONTENT)
-                .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"))
-                .header(header::CONTENT_LENGTH, end - start + 1);
-        }
-        (_, Some(size)) => b = b.status(StatusCode::OK).header(header::CONTENT_LENGTH, size),
-        (_, None) => b = b.status(StatusCode::OK),
-    }
-    let body = match a.body {
-        Some(s) => StreamBody::new(s.map_ok(Frame::data)).boxed_unsync(),
-        None => empty(),
-    };
-    b.body(body).map_err(|e| ProtocolError::new(ErrorCode::BlobUnknown, e.to_string()))
 }
 
 /// What the access log and the request metrics need, recorded when the body is done.
@@ -636,7 +555,7 @@ impl Drop for Tracked {
             Some(Source::Revalidated) => "cache-revalidated",
             Some(Source::Stale) => "cache-stale",
             Some(Source::Upstream(_)) => "upstream",
-            None => "-",
+            Some(Source::Hosted) | None => "-",
         };
         tracing::info!(
             target: "ferry::access",

@@ -6,9 +6,9 @@ use std::io;
 
 use futures_util::StreamExt;
 
-use super::Manifest;
 use crate::distribution::{Digest, DigestVerifier};
-use crate::storage::Storage;
+use crate::storage::records::decode_manifest;
+use crate::storage::{layout, Storage};
 
 /// What is stored.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -29,8 +29,8 @@ pub async fn stats(storage: &dyn Storage) -> io::Result<Stats> {
     Ok(Stats {
         blobs: blobs.len(),
         blob_bytes: blobs.iter().map(|b| b.size).sum(),
-        manifests: storage.list_objects("manifests/").await?.len(),
-        tags: storage.list_objects("tags/").await?.len(),
+        manifests: storage.list_objects(layout::MANIFESTS_PREFIX).await?.len(),
+        tags: storage.list_objects(layout::TAGS_PREFIX).await?.len(),
     })
 }
 
@@ -72,10 +72,10 @@ pub async fn verify(storage: &dyn Storage) -> io::Result<Verified> {
             out.good_blobs += 1;
         }
     }
-    for key in storage.list_objects("manifests/sha256/").await? {
-        let hex = key.rsplit('/').next().unwrap_or_default();
-        let valid = match (Digest::parse(&format!("sha256:{hex}")), storage.get_object(&key).await?) {
-            (Ok(d), Some(record)) => Manifest::decode(&d, record).is_some(),
+    for key in storage.list_objects(layout::MANIFESTS_PREFIX).await? {
+        let hex = key.strip_prefix(layout::MANIFESTS_PREFIX).unwrap_or_default();
+        let valid = match (layout::digest_from_hex(hex), storage.get_object(&key).await?) {
+            (Some(d), Some(record)) => decode_manifest(&d, record).is_some(),
             _ => false,
         };
         if !valid {
@@ -90,7 +90,7 @@ pub async fn verify(storage: &dyn Storage) -> io::Result<Verified> {
 /// Removes the oldest cached blobs until the cache is at most `max` bytes; pushed (hosted)
 /// content is neither counted nor removed (it is the only copy). Returns `(removed, bytes)`.
 pub async fn prune(storage: &dyn Storage, max: u64) -> io::Result<(usize, u64)> {
-    let hosted = crate::hosted::hosted_digests(storage).await?;
+    let hosted = crate::storage::marks::hosted_digests(storage).await?;
     let mut blobs: Vec<_> =
         storage.list_blobs().await?.into_iter().filter(|b| !hosted.contains(b.digest.hex())).collect();
     blobs.sort_by_key(|b| b.modified);

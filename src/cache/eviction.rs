@@ -51,7 +51,7 @@ impl Evictor {
             }
         };
         // Pushed (hosted) content is not cache: it is neither counted nor ever evicted.
-        let hosted = match crate::hosted::hosted_digests(&*self.storage).await {
+        let hosted = match crate::storage::marks::hosted_digests(&*self.storage).await {
             Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list hosted content; blobs already on disk are not counted against max_size until restart");
@@ -120,7 +120,7 @@ impl Evictor {
             };
             // A cached blob that a push has since referenced became hosted content: it leaves
             // the cache's accounting but stays on disk.
-            if matches!(crate::hosted::is_hosted_blob(&*self.storage, &victim.0).await, Ok(true)) {
+            if matches!(crate::storage::marks::is_hosted(&*self.storage, &victim.0).await, Ok(true)) {
                 continue;
             }
             match self.storage.delete_blob(&victim.0).await {

@@ -1,117 +1,16 @@
-//! The content-addressed store: blobs by digest, plus small metadata objects (manifest records,
-//! tag mappings), behind the narrow [`Storage`] trait so that an S3-compatible backend can
-//! replace the local filesystem without the cache noticing.
-//!
-//! Nothing half-written is ever visible: data is staged in a temp file on the same filesystem,
-//! verified by the caller, then fsynced and renamed into place (and the directory fsynced).
+//! The embedded default backend: a directory tree laid out as [`super::layout`] describes.
 
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::stream::{self, BoxStream, StreamExt};
+use futures_util::stream::{self, StreamExt};
 
+use super::{layout, BlobInfo, ByteStream, Staged, Storage};
 use crate::distribution::Digest;
-
-/// Size of each read on the cache-hit path: large reads mean few syscalls and few task hops.
-pub const READ_CHUNK: usize = 512 * 1024;
-
-/// A stream of blob bytes.
-pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
-
-/// What the cache needs from a store. Blobs are staged locally (the fetch writes and readers
-/// tail the staged file while it grows), then committed under their verified digest.
-pub trait Storage: Send + Sync + 'static {
-    /// The size of a committed blob, or `None` if it is not stored.
-    fn blob_size(&self, digest: &Digest) -> BoxFuture<'_, io::Result<Option<u64>>>;
-    /// Bytes `start..end` of a committed blob, or `None` if it is not stored.
-    fn read_blob(&self, digest: &Digest, start: u64, end: u64) -> BoxFuture<'_, io::Result<Option<ByteStream>>>;
-    /// A new, empty staging file.
-    fn stage(&self) -> BoxFuture<'_, io::Result<Staged>>;
-    /// Makes a staged file durable and visible as `digest`. The caller has verified it.
-    fn commit(&self, staged: Arc<Staged>, digest: &Digest) -> BoxFuture<'_, io::Result<()>>;
-    /// A small metadata object, or `None`.
-    fn get_object(&self, key: &str) -> BoxFuture<'_, io::Result<Option<Vec<u8>>>>;
-    /// Atomically writes a small metadata object.
-    fn put_object(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>>;
-    /// Every committed blob with its size and last-modified time (the start-up inventory).
-    fn list_blobs(&self) -> BoxFuture<'_, io::Result<Vec<BlobInfo>>>;
-    /// Moves a blob that failed verification out of the store, keeping it for inspection.
-    fn quarantine_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>>;
-    /// Every object key under `prefix` (a "directory" ending in `/`), at any depth, sorted.
-    /// Hosted namespaces list tags, repositories and links with it (an S3 prefix listing).
-    fn list_objects(&self, prefix: &str) -> BoxFuture<'_, io::Result<Vec<String>>>;
-    /// Removes a metadata object; `false` if there was none.
-    fn delete_object(&self, key: &str) -> BoxFuture<'_, io::Result<bool>>;
-    /// Removes a committed blob; `false` if there was none. Readers holding it open finish.
-    fn delete_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<bool>>;
-}
-
-/// One entry of the blob inventory.
-#[derive(Clone, Debug)]
-pub struct BlobInfo {
-    /// The blob's digest.
-    pub digest: Digest,
-    /// Its size in bytes.
-    pub size: u64,
-    /// When it was last written (committed).
-    pub modified: std::time::SystemTime,
-}
-
-/// A staging file. Positional reads and writes let one writer and many readers share it without
-/// sharing a file offset; readers keep working after it is renamed into place.
-pub struct Staged {
-    file: std::fs::File,
-    path: PathBuf,
-}
-
-impl Staged {
-    /// Writes all of `bufs` at `offset` (blocking: call from `spawn_blocking`).
-    pub fn write_all_at(&self, bufs: &[Bytes], mut offset: u64) -> io::Result<()> {
-        for b in bufs {
-            self.file.write_all_at(b, offset)?;
-            offset += b.len() as u64;
-        }
-        Ok(())
-    }
-
-    /// Cuts the file to `len` bytes (blocking): an upload drops bytes past what it verified.
-    pub fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
-    }
-
-    /// Reads up to `len` bytes at `offset` (blocking: call from `spawn_blocking`).
-    pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {
-        read_chunk(&self.file, offset, len)
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        // After a successful commit the path no longer exists; otherwise this removes an
-        // abandoned or failed fetch. Either way nothing half-written stays behind.
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-fn read_chunk(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Bytes> {
-    let mut buf = BytesMut::zeroed(len);
-    let mut filled = 0;
-    while filled < len {
-        match file.read_at(&mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(filled);
-    Ok(buf.freeze())
-}
 
 /// Cache-hit reads: larger than [`READ_CHUNK`] since nothing else competes for the buffer, so
 /// fewer hand-offs to the blocking pool per GiB.
@@ -152,14 +51,7 @@ pub fn file_stream(file: std::fs::File, start: u64, end: u64) -> ByteStream {
     .boxed()
 }
 
-/// The embedded default: a directory tree.
-///
-/// ```text
-/// root/blobs/sha256/ab/ab12…   committed blobs
-/// root/objects/…               metadata objects (manifest records, tags)
-/// root/tmp/                    staging; emptied at start-up
-/// root/quarantine/             blobs that failed `ferry cache verify`
-/// ```
+/// The embedded default: a directory tree (see [`super::layout`] for the whole of it).
 pub struct FsStorage {
     root: PathBuf,
     counter: AtomicU64,
@@ -168,7 +60,7 @@ pub struct FsStorage {
 impl FsStorage {
     /// Opens (creating if needed) a store under `root`.
     pub fn open(root: &Path) -> io::Result<FsStorage> {
-        for dir in ["blobs/sha256", "objects", "tmp", "quarantine"] {
+        for dir in [layout::BLOBS_DIR, layout::OBJECTS_DIR, layout::STAGING_DIR, layout::QUARANTINE_DIR] {
             std::fs::create_dir_all(root.join(dir))?;
         }
         Ok(FsStorage { root: root.to_owned(), counter: AtomicU64::new(0) })
@@ -179,7 +71,7 @@ impl FsStorage {
     /// command running beside it would delete its fetches in progress).
     pub fn remove_staging_leftovers(&self) -> io::Result<usize> {
         let mut n = 0;
-        for entry in std::fs::read_dir(self.root.join("tmp"))? {
+        for entry in std::fs::read_dir(self.root.join(layout::STAGING_DIR))? {
             if std::fs::remove_file(entry?.path()).is_ok() {
                 n += 1;
             }
@@ -189,8 +81,7 @@ impl FsStorage {
 
     /// Where a committed blob lives.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        self.root.join("blobs/sha256").join(&hex[..2]).join(hex)
+        self.root.join(layout::blob_path(digest))
     }
 
     fn object_path(&self, key: &str) -> io::Result<PathBuf> {
@@ -198,12 +89,12 @@ impl FsStorage {
         if key.is_empty() || key.starts_with('/') || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad object key {key:?}")));
         }
-        Ok(self.root.join("objects").join(key))
+        Ok(self.root.join(layout::OBJECTS_DIR).join(key))
     }
 
     fn temp_path(&self) -> PathBuf {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        self.root.join("tmp").join(format!("{}-{n}", std::process::id()))
+        self.root.join(layout::staging_file(n))
     }
 }
 
@@ -281,13 +172,13 @@ impl Storage for FsStorage {
     }
 
     fn list_blobs(&self) -> BoxFuture<'_, io::Result<Vec<BlobInfo>>> {
-        let root = self.root.join("blobs/sha256");
+        let root = self.root.join(layout::BLOBS_DIR);
         Box::pin(blocking(move || scan_blobs(&root)))
     }
 
     fn quarantine_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>> {
         let from = self.blob_path(digest);
-        let to = self.root.join("quarantine").join(digest.hex());
+        let to = self.root.join(layout::QUARANTINE_DIR).join(digest.hex());
         Box::pin(blocking(move || std::fs::rename(from, to)))
     }
 
@@ -332,6 +223,15 @@ impl Storage for FsStorage {
         let path = self.blob_path(digest);
         Box::pin(async move { not_found_is_none(tokio::fs::remove_file(path).await).map(|r| r.is_some()) })
     }
+
+    fn probe(&self) -> BoxFuture<'_, io::Result<()>> {
+        let probe = self.root.join(layout::readiness_probe());
+        Box::pin(async move {
+            let written = tokio::fs::write(&probe, b"ok").await;
+            let _ = tokio::fs::remove_file(&probe).await;
+            written
+        })
+    }
 }
 
 fn scan_blobs(root: &Path) -> io::Result<Vec<BlobInfo>> {
@@ -345,7 +245,7 @@ fn scan_blobs(root: &Path) -> io::Result<Vec<BlobInfo>> {
             let entry = entry?;
             let name = entry.file_name();
             // Anything not named like a blob is not ours to count or evict.
-            let Ok(digest) = Digest::parse(&format!("sha256:{}", name.to_string_lossy())) else { continue };
+            let Some(digest) = layout::digest_from_hex(&name.to_string_lossy()) else { continue };
             let meta = match entry.metadata() {
                 Ok(m) => m,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -360,6 +260,7 @@ fn scan_blobs(root: &Path) -> io::Result<Vec<BlobInfo>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::READ_CHUNK;
     use futures_util::TryStreamExt;
 
     #[tokio::test]

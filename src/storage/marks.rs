@@ -1,0 +1,85 @@
+//! Hosted ownership marks: which digests pushed content uses. They are storage-level facts
+//! that both sides read: the cache must not evict a marked blob (it may be the only copy of
+//! something pushed here) nor serve a private one on a proxied path; hosted namespaces claim
+//! digests and `gc` sweeps unreferenced ones. Living here, beside the layout, they let `cache`
+//! and `hosted` both stand on `storage` without knowing each other.
+
+use std::collections::HashSet;
+use std::io;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::{layout, Storage};
+use crate::distribution::Digest;
+
+/// What a mark records.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Mark {
+    /// `blob` or `manifest`.
+    pub kind: String,
+    /// The content was already stored (by the cache) when hosted content first used it, or an
+    /// upstream has since confirmed it: it is public, and `gc` drops only the mark and leaves
+    /// the bytes to the cache's eviction.
+    pub shared: bool,
+    /// Unix seconds when first used; `gc` leaves young marks alone (pushes in progress).
+    pub since: u64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Decodes a stored mark (`None` if it is not one; each caller picks its safe reading).
+pub fn decode(raw: &[u8]) -> Option<Mark> {
+    serde_json::from_slice(raw).ok()
+}
+
+/// Whether this digest is known only from a push (a private image's own layer or manifest),
+/// not from any upstream. The proxied side must not serve such content to whoever names its
+/// digest, unless an upstream confirms it is public (then [`mark_public`]).
+pub async fn is_private(storage: &dyn Storage, digest: &Digest) -> io::Result<bool> {
+    let Some(raw) = storage.get_object(&layout::mark(digest)).await? else { return Ok(false) };
+    Ok(decode(&raw).is_none_or(|m| !m.shared))
+}
+
+/// Records that an upstream serves this digest too: it is public, and (as shared content) `gc`
+/// leaves its bytes to the cache.
+pub async fn mark_public(storage: &dyn Storage, digest: &Digest) -> io::Result<()> {
+    let Some(raw) = storage.get_object(&layout::mark(digest)).await? else { return Ok(()) };
+    let Some(mut mark) = decode(&raw) else { return Ok(()) };
+    if mark.shared {
+        return Ok(());
+    }
+    mark.shared = true;
+    storage.put_object(&layout::mark(digest), serde_json::to_vec(&mark).map_err(io::Error::other)?).await
+}
+
+/// Marks `digest` as used by hosted content (before the content is committed, so eviction
+/// never sees an unmarked hosted blob). An existing mark is left as it is.
+pub async fn claim(storage: &dyn Storage, digest: &Digest, kind: &str, already_stored: bool) -> io::Result<()> {
+    let key = layout::mark(digest);
+    if storage.get_object(&key).await?.is_some() {
+        return Ok(());
+    }
+    let mark = Mark { kind: kind.to_owned(), shared: already_stored, since: now_secs() };
+    storage.put_object(&key, serde_json::to_vec(&mark).map_err(io::Error::other)?).await
+}
+
+/// The hex digests of everything hosted content uses: one listing, for the cache's start-up
+/// inventory (instead of one lookup per blob).
+pub async fn hosted_digests(storage: &dyn Storage) -> io::Result<HashSet<String>> {
+    let keys = storage.list_objects(layout::MARKS_PREFIX).await?;
+    Ok(keys.into_iter().filter_map(|k| k.strip_prefix(layout::MARKS_PREFIX).map(str::to_owned)).collect())
+}
+
+/// Whether hosted content uses this digest (a blob or a manifest record). The cache's eviction
+/// must skip such blobs: they are the only copy of something pushed here.
+pub async fn is_hosted(storage: &dyn Storage, digest: &Digest) -> io::Result<bool> {
+    Ok(storage.get_object(&layout::mark(digest)).await?.is_some())
+}
+
+/// Removes the mark of `digest` (`gc`).
+pub async fn remove(storage: &dyn Storage, digest: &Digest) -> io::Result<bool> {
+    storage.delete_object(&layout::mark(digest)).await
+}

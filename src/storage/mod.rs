@@ -1,0 +1,127 @@
+//! The content-addressed store: blobs by digest, plus small metadata objects (manifest records,
+//! tag mappings, hosted links and marks), behind the narrow [`Storage`] trait so that an
+//! S3-compatible backend can replace the local filesystem without the cache noticing.
+//!
+//! Nothing half-written is ever visible: data is staged in a temp file on the same filesystem,
+//! verified by the caller, then fsynced and renamed into place (and the directory fsynced).
+//!
+//! * [`layout`]: every key and path, with the tree of the whole store.
+//! * [`records`]: the manifest record and tag entry formats.
+//! * [`marks`]: hosted ownership marks (shared facts of the cache and hosted namespaces).
+//! * [`fs`]: the filesystem backend.
+
+pub mod fs;
+pub mod layout;
+pub mod marks;
+pub mod records;
+
+pub use fs::{file_stream, FsStorage, HIT_CHUNK};
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+
+use crate::distribution::Digest;
+
+/// Size of each read on the cache-hit path: large reads mean few syscalls and few task hops.
+pub const READ_CHUNK: usize = 512 * 1024;
+
+/// A stream of blob bytes.
+pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
+
+/// What the cache needs from a store. Blobs are staged locally (the fetch writes and readers
+/// tail the staged file while it grows), then committed under their verified digest.
+pub trait Storage: Send + Sync + 'static {
+    /// The size of a committed blob, or `None` if it is not stored.
+    fn blob_size(&self, digest: &Digest) -> BoxFuture<'_, io::Result<Option<u64>>>;
+    /// Bytes `start..end` of a committed blob, or `None` if it is not stored.
+    fn read_blob(&self, digest: &Digest, start: u64, end: u64) -> BoxFuture<'_, io::Result<Option<ByteStream>>>;
+    /// A new, empty staging file.
+    fn stage(&self) -> BoxFuture<'_, io::Result<Staged>>;
+    /// Makes a staged file durable and visible as `digest`. The caller has verified it.
+    fn commit(&self, staged: Arc<Staged>, digest: &Digest) -> BoxFuture<'_, io::Result<()>>;
+    /// A small metadata object, or `None`.
+    fn get_object(&self, key: &str) -> BoxFuture<'_, io::Result<Option<Vec<u8>>>>;
+    /// Atomically writes a small metadata object.
+    fn put_object(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>>;
+    /// Every committed blob with its size and last-modified time (the start-up inventory).
+    fn list_blobs(&self) -> BoxFuture<'_, io::Result<Vec<BlobInfo>>>;
+    /// Moves a blob that failed verification out of the store, keeping it for inspection.
+    fn quarantine_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<()>>;
+    /// Every object key under `prefix` (a "directory" ending in `/`), at any depth, sorted.
+    /// Hosted namespaces list tags, repositories and links with it (an S3 prefix listing).
+    fn list_objects(&self, prefix: &str) -> BoxFuture<'_, io::Result<Vec<String>>>;
+    /// Removes a metadata object; `false` if there was none.
+    fn delete_object(&self, key: &str) -> BoxFuture<'_, io::Result<bool>>;
+    /// Removes a committed blob; `false` if there was none. Readers holding it open finish.
+    fn delete_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<bool>>;
+    /// Proves the store is writable now (the readiness probe): writes and removes a probe.
+    fn probe(&self) -> BoxFuture<'_, io::Result<()>>;
+}
+
+/// One entry of the blob inventory.
+#[derive(Clone, Debug)]
+pub struct BlobInfo {
+    /// The blob's digest.
+    pub digest: Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last written (committed).
+    pub modified: std::time::SystemTime,
+}
+
+/// A staging file. Positional reads and writes let one writer and many readers share it without
+/// sharing a file offset; readers keep working after it is renamed into place.
+pub struct Staged {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Staged {
+    /// Writes all of `bufs` at `offset` (blocking: call from `spawn_blocking`).
+    pub fn write_all_at(&self, bufs: &[Bytes], mut offset: u64) -> io::Result<()> {
+        for b in bufs {
+            self.file.write_all_at(b, offset)?;
+            offset += b.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Cuts the file to `len` bytes (blocking): an upload drops bytes past what it verified.
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    /// Reads up to `len` bytes at `offset` (blocking: call from `spawn_blocking`).
+    pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        read_chunk(&self.file, offset, len)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // After a successful commit the path no longer exists; otherwise this removes an
+        // abandoned or failed fetch. Either way nothing half-written stays behind.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+pub(crate) fn read_chunk(file: &std::fs::File, offset: u64, len: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(len);
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf.freeze())
+}
