@@ -29,8 +29,8 @@ use serde::Deserialize;
 use crate::auth::{unauthorized, Auth, Identity};
 use crate::config::{Access, HostedConfig};
 use crate::distribution::{
-    internal, range_header, Answer, BlobAnswer, Digest, DigestVerifier, ErrorCode, Manifest, ProtocolError, Reference,
-    RepoName, Source, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST,
+    internal, range_header, Answer, BlobAnswer, Digest, DigestVerifier, Endpoint, ErrorCode, Manifest, ProtocolError,
+    Reference, RepoName, Source, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST,
 };
 use crate::storage::records::{decode_manifest, encode_manifest};
 use crate::storage::{layout, marks, ByteStream, Staged, Storage};
@@ -41,21 +41,6 @@ const WRITE_BATCH: usize = 1024 * 1024;
 /// Most upload sessions open at once (each holds a staging file).
 const MAX_SESSIONS: usize = 4096;
 
-/// The endpoint of a hosted request (the part after the repository name).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op<'a> {
-    /// `/manifests/<reference>`.
-    Manifest(&'a str),
-    /// `/blobs/<digest>`.
-    Blob(&'a str),
-    /// `/blobs/uploads/` (empty) or `/blobs/uploads/<id>`.
-    Upload(&'a str),
-    /// `/tags/list`.
-    Tags,
-    /// `/referrers/<digest>`.
-    Referrers(&'a str),
-}
-
 /// One request for a hosted repository, parsed by the server.
 pub struct HostedRequest<'a> {
     /// HTTP method.
@@ -63,7 +48,7 @@ pub struct HostedRequest<'a> {
     /// The repository name as sent (validated here).
     pub name: &'a str,
     /// The endpoint.
-    pub op: Op<'a>,
+    pub endpoint: Endpoint<'a>,
     /// The raw query string.
     pub query: Option<&'a str>,
     /// Request headers.
@@ -233,8 +218,8 @@ impl Hosted {
         let repo = RepoName::parse(req.name)?;
         let head = *req.method == Method::HEAD;
         let read = head || *req.method == Method::GET;
-        let need = match (req.method, req.op) {
-            (m, Op::Manifest(_) | Op::Blob(_)) if *m == Method::DELETE => {
+        let need = match (req.method, req.endpoint) {
+            (m, Endpoint::Manifest(_) | Endpoint::Blob(_)) if *m == Method::DELETE => {
                 if !self.config.delete {
                     return Err(ProtocolError::new(
                         ErrorCode::Unsupported,
@@ -243,29 +228,29 @@ impl Hosted {
                 }
                 Access::Delete
             }
-            (_, Op::Upload(_)) => Access::Push,
-            (m, Op::Manifest(_)) if *m == Method::PUT => Access::Push,
+            (_, Endpoint::Uploads(_)) => Access::Push,
+            (m, Endpoint::Manifest(_)) if *m == Method::PUT => Access::Push,
             _ if read => Access::Pull,
             _ => return Err(ProtocolError::new(ErrorCode::Unsupported, format!("{} is not allowed here", req.method))),
         };
         self.auth.check(req.who, repo.as_str(), need)?;
-        match (req.method.clone(), req.op) {
-            (_, Op::Manifest(r)) if read => self.get_manifest(&repo, r, head).await,
-            (Method::PUT, Op::Manifest(r)) => self.put_manifest(&repo, r, req.headers, req.body).await,
-            (Method::DELETE, Op::Manifest(r)) => self.delete_manifest(&repo, r).await,
-            (_, Op::Blob(d)) if read => self.get_blob(&repo, d, req.headers, head).await,
-            (Method::DELETE, Op::Blob(d)) => self.delete_blob(&repo, d).await,
-            (Method::POST, Op::Upload("")) => self.start_upload(&repo, req.query, req.who, req.body).await,
-            (Method::PATCH, Op::Upload(id)) if !id.is_empty() => {
+        match (req.method.clone(), req.endpoint) {
+            (_, Endpoint::Manifest(r)) if read => self.get_manifest(&repo, r, head).await,
+            (Method::PUT, Endpoint::Manifest(r)) => self.put_manifest(&repo, r, req.headers, req.body).await,
+            (Method::DELETE, Endpoint::Manifest(r)) => self.delete_manifest(&repo, r).await,
+            (_, Endpoint::Blob(d)) if read => self.get_blob(&repo, d, req.headers, head).await,
+            (Method::DELETE, Endpoint::Blob(d)) => self.delete_blob(&repo, d).await,
+            (Method::POST, Endpoint::Uploads("")) => self.start_upload(&repo, req.query, req.who, req.body).await,
+            (Method::PATCH, Endpoint::Uploads(id)) if !id.is_empty() => {
                 self.patch_upload(&repo, id, req.headers, req.body).await
             }
-            (Method::PUT, Op::Upload(id)) if !id.is_empty() => {
+            (Method::PUT, Endpoint::Uploads(id)) if !id.is_empty() => {
                 self.finish_upload(&repo, id, req.query, req.headers, req.body).await
             }
-            (Method::GET, Op::Upload(id)) if !id.is_empty() => self.upload_status(&repo, id).await,
-            (Method::DELETE, Op::Upload(id)) if !id.is_empty() => self.cancel_upload(&repo, id),
-            (_, Op::Tags) if read => self.tags(&repo, req.query, head).await,
-            (_, Op::Referrers(d)) if read => self.referrers(&repo, d, req.query, head).await,
+            (Method::GET, Endpoint::Uploads(id)) if !id.is_empty() => self.upload_status(&repo, id).await,
+            (Method::DELETE, Endpoint::Uploads(id)) if !id.is_empty() => self.cancel_upload(&repo, id),
+            (_, Endpoint::Tags) if read => self.tags(&repo, req.query, head).await,
+            (_, Endpoint::Referrers(d)) if read => self.referrers(&repo, d, req.query, head).await,
             (m, _) => Err(ProtocolError::new(ErrorCode::Unsupported, format!("{m} is not allowed on this endpoint"))),
         }
     }

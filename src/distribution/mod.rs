@@ -9,9 +9,11 @@ use std::str::FromStr;
 use sha2::{Digest as _, Sha256};
 
 mod answer;
+mod endpoint;
 mod error;
 mod range;
 pub use answer::{Answer, BlobAnswer, Manifest, Source};
+pub use endpoint::{split_api, Api, Endpoint};
 pub use error::{internal, ErrorCode, ProtocolError};
 pub use range::{range_header, unsatisfiable, ByteRange};
 
