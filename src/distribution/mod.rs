@@ -11,6 +11,8 @@ use sha2::{Digest as _, Sha256};
 mod answer;
 mod endpoint;
 mod error;
+#[cfg(test)]
+mod proptests;
 mod range;
 pub use answer::{Answer, BlobAnswer, Manifest, Source};
 pub use endpoint::{split_api, Api, Endpoint};
