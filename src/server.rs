@@ -280,7 +280,7 @@ impl App {
                 };
                 return match authn {
                     Ok(who) => {
-                        let token = auth.issue_token(&who);
+                        let (token, _) = auth.issue_token(&who, &crate::auth::requested_scopes(req.uri().query()));
                         let body = serde_json::json!({
                             "token": token,
                             "access_token": token,

@@ -701,9 +701,24 @@ fn docker_style_bearer_flow_anonymous_pulls_and_token_logins() {
         http_request("GET", &format!("{realm}?service=ferry"), &[("Authorization", &basic_auth(ALICE.0, ALICE.1))])
             .unwrap(),
     );
+    // A login token grants no repository: a push with it is sent back for a scoped token.
     let upload =
         http_request("POST", &url("/v2/internal/app/blobs/uploads/"), &[("Authorization", &format!("Bearer {alice}"))]);
-    assert_eq!(upload.unwrap().status, 202, "alice's token opens her namespace");
+    assert_challenge(&upload.unwrap());
+    let scoped = |scope: &str| {
+        let q = format!("{realm}?service=ferry&scope={scope}");
+        token_of(http_request("GET", &q, &[("Authorization", &basic_auth(ALICE.0, ALICE.1))]).unwrap())
+    };
+    let push = format!("Bearer {}", scoped("repository:internal/app:pull,push"));
+    let upload = http_request("POST", &url("/v2/internal/app/blobs/uploads/"), &[("Authorization", &push)]);
+    assert_eq!(upload.unwrap().status, 202, "alice's push token opens her repository");
+    // The scope is signed into the token: a pull token cannot push, and no token opens another
+    // repository.
+    let pull = format!("Bearer {}", scoped("repository:internal/app:pull"));
+    let refused = http_request("POST", &url("/v2/internal/app/blobs/uploads/"), &[("Authorization", &pull)]).unwrap();
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    let other = http_request("POST", &url("/v2/internal/other/blobs/uploads/"), &[("Authorization", &push)]).unwrap();
+    assert_eq!(other.status, 401, "{}", other.text());
 
     // hosted.challenge: basic keeps plain Basic challenges.
     let basic = Ferry::start(&config(&work.path().join("basic"), &htpasswd, &upstream.url(), "  challenge: basic\n"));

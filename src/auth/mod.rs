@@ -21,6 +21,9 @@ use sha2::{Digest as _, Sha256};
 use crate::config::{under, Access, AccessRule, HostedConfig};
 use crate::distribution::{ErrorCode, ProtocolError};
 
+mod token;
+pub use token::{requested_scopes, Actions, Claims, Grant};
+
 /// The Basic challenge (`hosted.challenge: basic`, and the token endpoint's own).
 pub const CHALLENGE: &str = "Basic realm=\"ferry\"";
 
@@ -55,8 +58,10 @@ const DUMMY_HASH: &str = "$2y$05$jABAdBGdC7hB5VVSj3Hw8.WN5cyoYs1UxNxZSOGb9Lr3dhq
 pub enum Identity {
     /// No credentials were sent.
     Anonymous,
-    /// A user whose password verified.
+    /// A user whose password verified (HTTP Basic): the rules alone decide.
     User(String),
+    /// A bearer token Ferry issued: the rules of the user it names, narrowed to its grants.
+    Token(Arc<Claims>),
 }
 
 impl Identity {
@@ -65,6 +70,15 @@ impl Identity {
         match self {
             Identity::Anonymous => "-",
             Identity::User(u) => u,
+            Identity::Token(c) => c.user.as_deref().unwrap_or("-"),
+        }
+    }
+
+    /// Whom the rules see: the token's user, or anonymous.
+    fn principal(&self) -> Identity {
+        match self {
+            Identity::Token(c) => c.user.clone().map_or(Identity::Anonymous, Identity::User),
+            other => other.clone(),
         }
     }
 }
@@ -94,6 +108,8 @@ pub enum AuthError {
 pub struct Auth {
     users: HashMap<String, String>,
     rules: Vec<AccessRule>,
+    /// Hosted namespaces: scopes for other names are proxied pulls.
+    namespaces: Vec<String>,
     anonymous_pull: bool,
     proxied_requires_auth: bool,
     /// Per-process secret keying the verdict cache (see the module comment).
@@ -145,6 +161,7 @@ impl Auth {
         Ok(Auth {
             users,
             rules: config.rules.clone(),
+            namespaces: config.namespaces.clone(),
             anonymous_pull: config.anonymous_pull,
             proxied_requires_auth: config.proxied_requires_auth,
             key,
@@ -158,8 +175,8 @@ impl Auth {
     /// verify, otherwise `401` (wrong credentials are never downgraded to anonymous).
     pub async fn authenticate(&self, headers: &http::HeaderMap, client: SocketAddr) -> Result<Identity, ProtocolError> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else { return Ok(Identity::Anonymous) };
-        if let Some(token) = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")) {
-            return self.verify_token(token.trim()).ok_or_else(|| unauthorized("invalid or expired token"));
+        if let Some(token) = value.to_str().ok().and_then(bearer) {
+            return self.verify_token(token).ok_or_else(|| unauthorized("invalid or expired token"));
         }
         let Some((user, password)) = value.to_str().ok().and_then(parse_basic) else {
             tracing::warn!(target: "ferry::auth", %client, "failed login: malformed Authorization header");
@@ -194,17 +211,34 @@ impl Auth {
         }
     }
 
-    /// The keyed digest a verdict is cached under.
-    /// A bearer token for `who`: `base64url("<expiry>:<user>") . base64url(HMAC-SHA256)`. It says
-    /// who the client is; what they may do is still decided per request by the rules.
-    pub fn issue_token(&self, who: &Identity) -> String {
-        let user = match who {
-            Identity::User(u) => u.as_str(),
-            Identity::Anonymous => "",
+    /// A bearer token for `who` granting `requested` intersected with what the rules allow
+    /// (as Docker Hub's and Distribution's token servers do): hosted names by the rules, other
+    /// names a pull when proxied namespaces are open to `who`. Returns the token and its
+    /// claims (the response lists what was granted).
+    pub fn issue_token(&self, who: &Identity, requested: &[Grant]) -> (String, Claims) {
+        let who = who.principal();
+        let grants = requested
+            .iter()
+            .filter_map(|g| {
+                let allowed = if self.is_hosted_name(&g.name) {
+                    self.rules_access(&who, &g.name)
+                } else {
+                    self.check_proxied(&who).is_ok().then_some(Access::Pull)
+                };
+                let actions = g.actions.within(allowed);
+                actions.level().map(|_| Grant { name: g.name.clone(), actions })
+            })
+            .collect();
+        let user = match &who {
+            Identity::User(u) => Some(u.clone()),
+            _ => None,
         };
-        let payload = format!("{}:{user}", now_secs().saturating_add(TOKEN_TTL.as_secs()));
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        format!("{}.{}", b64.encode(&payload), b64.encode(self.token_mac(payload.as_bytes())))
+        let claims = Claims { user, expires: now_secs().saturating_add(TOKEN_TTL.as_secs()), grants };
+        (token::encode(&claims, |p| self.token_mac(p)), claims)
+    }
+
+    fn is_hosted_name(&self, name: &str) -> bool {
+        self.namespaces.iter().any(|ns| under(name, ns))
     }
 
     fn token_mac(&self, payload: &[u8]) -> Vec<u8> {
@@ -219,23 +253,19 @@ impl Auth {
         }
     }
 
-    /// Who a token we issued names, if its signature verifies (constant time) and it is unexpired.
+    /// The claims of a token we issued, if its signature verifies (constant time) and it is
+    /// unexpired.
     fn verify_token(&self, token: &str) -> Option<Identity> {
         use hmac::{KeyInit, Mac};
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let (payload, sig) = token.split_once('.')?;
-        let (payload, sig) = (b64.decode(payload).ok()?, b64.decode(sig).ok()?);
-        let mut mac = HmacSha256::new_from_slice(&self.token_key).ok()?;
-        mac.update(&payload);
-        mac.verify_slice(&sig).ok()?;
-        let text = String::from_utf8(payload).ok()?;
-        let (expiry, user) = text.split_once(':')?;
-        if expiry.parse::<u64>().ok()? < now_secs() {
-            return None;
-        }
-        Some(if user.is_empty() { Identity::Anonymous } else { Identity::User(user.to_owned()) })
+        let verify = |payload: &[u8], sig: &[u8]| {
+            let Ok(mut mac) = HmacSha256::new_from_slice(&self.token_key) else { return false };
+            mac.update(payload);
+            mac.verify_slice(sig).is_ok()
+        };
+        token::decode(token, now_secs(), verify).map(|c| Identity::Token(Arc::new(c)))
     }
 
+    /// The keyed digest a verdict is cached under.
     fn tag(&self, user: &str, password: &str) -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(self.key);
@@ -245,8 +275,19 @@ impl Auth {
         h.finalize().into()
     }
 
-    /// The most `who` may do in hosted repository `repo` (`None`: nothing).
+    /// The most `who` may do in hosted repository `repo` (`None`: nothing): for a token, what
+    /// its user may do there narrowed to what the token grants.
     pub fn access(&self, who: &Identity, repo: &str) -> Option<Access> {
+        match who {
+            Identity::Token(claims) => {
+                let granted = claims.on(repo)?.level()?;
+                self.rules_access(&who.principal(), repo).map(|a| a.min(granted))
+            }
+            _ => self.rules_access(who, repo),
+        }
+    }
+
+    fn rules_access(&self, who: &Identity, repo: &str) -> Option<Access> {
         let anonymous = self.anonymous_pull.then_some(Access::Pull);
         let Identity::User(user) = who else { return anonymous };
         if self.rules.is_empty() {
@@ -273,17 +314,23 @@ impl Auth {
             Access::Push => "push to",
             Access::Delete => "delete in",
         };
-        match who {
-            Identity::Anonymous => Err(unauthorized(format!("authentication required to {verb} {repo}"))),
+        let rules_allow = self.rules_access(&who.principal(), repo).is_some_and(|a| a >= need);
+        match who.principal() {
+            // A token short of the right where the rules would allow it: 401, so the client asks
+            // for a token with that scope (Docker and containerd re-authenticate on a 401, never
+            // on a 403).
+            _ if rules_allow => Err(unauthorized(format!("the token does not grant the right to {verb} {repo}"))),
             Identity::User(u) => {
                 Err(ProtocolError::new(ErrorCode::Denied, format!("user {u:?} may not {verb} {repo}")))
             }
+            _ => Err(unauthorized(format!("authentication required to {verb} {repo}"))),
         }
     }
 
-    /// `Ok` unless proxied namespaces require credentials and `who` is anonymous.
+    /// `Ok` unless proxied namespaces require credentials and `who` is anonymous (a token
+    /// counts as its user).
     pub fn check_proxied(&self, who: &Identity) -> Result<(), ProtocolError> {
-        match (self.proxied_requires_auth, who) {
+        match (self.proxied_requires_auth, who.principal()) {
             (true, Identity::Anonymous) => Err(unauthorized("authentication required")),
             _ => Ok(()),
         }
@@ -297,6 +344,12 @@ fn now_secs() -> u64 {
 /// A `401 UNAUTHORIZED` error (the server adds the `WWW-Authenticate` challenge).
 pub fn unauthorized(message: impl Into<String>) -> ProtocolError {
     ProtocolError::new(ErrorCode::Unauthorized, message)
+}
+
+/// The token of a `Bearer <token>` value; the scheme is case-insensitive (RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
 /// `Basic base64(user:password)` → `(user, password)`.
@@ -378,5 +431,37 @@ mod tests {
         assert_eq!(table.check(&bob, "internal/app", Access::Push).unwrap_err().code, ErrorCode::Denied);
         assert_eq!(table.check(&alice, "team-a/app", Access::Delete).unwrap_err().code, ErrorCode::Denied);
         assert!(table.check(&alice, "team-a/app", Access::Pull).is_ok());
+    }
+
+    #[tokio::test]
+    async fn tokens_grant_only_their_scope() {
+        let auth = Auth::new(FILE, &config("[]")).unwrap();
+        let client: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let alice = Identity::User("alice".into());
+        let asked = requested_scopes(Some(
+            "scope=repository:team-a/x:pull&scope=repository:internal/y:pull,push,delete&scope=repository:library/alpine:pull",
+        ));
+        let (token, claims) = auth.issue_token(&alice, &asked);
+        assert_eq!(claims.grants.len(), 3);
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::AUTHORIZATION, format!("{scheme} {token}").parse().unwrap());
+            let who = auth.authenticate(&h, client).await.unwrap();
+            assert_eq!(auth.access(&who, "team-a/x"), Some(Access::Pull), "a pull token grants pull only");
+            assert_eq!(auth.check(&who, "team-a/x", Access::Push).unwrap_err().code, ErrorCode::Unauthorized);
+            assert_eq!(auth.access(&who, "team-a/other"), None, "nor any other repository");
+            assert_eq!(auth.access(&who, "internal/y"), Some(Access::Delete));
+            assert_eq!(who.name(), "alice");
+        }
+        // Anonymous tokens grant proxied pulls, never hosted content.
+        let (_, anon) = auth.issue_token(&Identity::Anonymous, &asked);
+        assert_eq!(anon.grants.iter().map(|g| g.name.as_str()).collect::<Vec<_>>(), ["library/alpine"]);
+        // A forged grant does not verify.
+        let (payload, sig) = token.split_once('.').unwrap();
+        let mut forged = payload.to_owned();
+        forged.push('A');
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, format!("Bearer {forged}.{sig}").parse().unwrap());
+        assert!(auth.authenticate(&h, client).await.is_err());
     }
 }
