@@ -226,6 +226,20 @@ impl Reference {
     }
 }
 
+impl Reference {
+    /// Parses a reference a client reads (GET/HEAD): a string that cannot be a tag names no
+    /// manifest, so it is `404 MANIFEST_UNKNOWN` (as Distribution answers and the OCI
+    /// conformance tests expect), not the `400 MANIFEST_INVALID` a PUT gets.
+    pub fn parse_to_read(s: &str) -> Result<Self, ProtocolError> {
+        Reference::parse(s).map_err(|e| match e.code {
+            ErrorCode::ManifestInvalid => {
+                ProtocolError::new(ErrorCode::ManifestUnknown, format!("manifest unknown: {}", e.message))
+            }
+            _ => e,
+        })
+    }
+}
+
 impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

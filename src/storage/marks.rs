@@ -55,14 +55,21 @@ pub async fn mark_public(storage: &dyn Storage, digest: &Digest) -> io::Result<(
     storage.put_object(&layout::mark(digest), serde_json::to_vec(&mark).map_err(io::Error::other)?).await
 }
 
-/// Marks `digest` as used by hosted content (before the content is committed, so eviction
-/// never sees an unmarked hosted blob). An existing mark is left as it is.
+/// Marks `digest` as used by hosted content now (before the content is committed, so
+/// eviction never sees an unmarked hosted blob). An existing mark is refreshed: a blob deleted
+/// from one repository and uploaded again to another is as young as the new upload, so `gc`'s
+/// grace period protects it (a stale `since` let `gc` remove a blob pushed a second earlier).
+/// Public stays public.
 pub async fn claim(storage: &dyn Storage, digest: &Digest, kind: &str, already_stored: bool) -> io::Result<()> {
     let key = layout::mark(digest);
-    if storage.get_object(&key).await?.is_some() {
-        return Ok(());
-    }
-    let mark = Mark { kind: kind.to_owned(), shared: already_stored, since: now_secs() };
+    let previous = storage.get_object(&key).await?.as_deref().and_then(decode);
+    let mark = Mark {
+        kind: previous.as_ref().map_or_else(|| kind.to_owned(), |m| m.kind.clone()),
+        // An existing mark knows better than `already_stored` (which then reports the hosted
+        // copy itself): a private blob must stay private when pushed again.
+        shared: previous.map_or(already_stored, |m| m.shared),
+        since: now_secs(),
+    };
     storage.put_object(&key, serde_json::to_vec(&mark).map_err(io::Error::other)?).await
 }
 
@@ -82,4 +89,26 @@ pub async fn is_hosted(storage: &dyn Storage, digest: &Digest) -> io::Result<boo
 /// Removes the mark of `digest` (`gc`).
 pub async fn remove(storage: &dyn Storage, digest: &Digest) -> io::Result<bool> {
     storage.delete_object(&layout::mark(digest)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_claim_refreshes_the_mark_and_keeps_private_content_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::storage::FsStorage::open(dir.path()).unwrap();
+        let d = Digest::of(b"blob");
+        let old = Mark { kind: "blob".into(), shared: false, since: 1 };
+        storage.put_object(&layout::mark(&d), serde_json::to_vec(&old).unwrap()).await.unwrap();
+        claim(&storage, &d, "blob", true).await.unwrap();
+        let raw = storage.get_object(&layout::mark(&d)).await.unwrap().unwrap();
+        let now = decode(&raw).unwrap();
+        assert!(now.since > 1, "a re-claim makes the mark young again");
+        assert!(!now.shared && is_private(&storage, &d).await.unwrap(), "and never makes private content public");
+        let fresh = Digest::of(b"cached first");
+        claim(&storage, &fresh, "blob", true).await.unwrap();
+        assert!(!is_private(&storage, &fresh).await.unwrap(), "content the cache had first is shared");
+    }
 }
