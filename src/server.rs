@@ -33,6 +33,7 @@ use crate::registry::Router;
 use crate::storage::{FsStorage, Storage};
 use crate::upstream::Pool;
 
+pub mod guard;
 pub mod response;
 mod tls;
 use response::text as text_response;
