@@ -115,7 +115,12 @@ impl App {
         let auth = Auth::from_config(&config.hosted)?.map(Arc::new);
         let hosted = match &auth {
             Some(auth) if !config.hosted.namespaces.is_empty() => {
-                let hosted = Hosted::new(storage.clone(), auth.clone(), config.hosted.clone());
+                let hosted = Hosted::new(
+                    storage.clone(),
+                    auth.clone(),
+                    config.hosted.clone(),
+                    crate::hosted::DEFAULT_MAX_UPLOAD_SESSIONS_PER_USER,
+                );
                 // Abandoned uploads are purged in the background (when there is a runtime).
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(hosted.clone().purge_uploads_forever());

@@ -11,11 +11,11 @@ use serde::Deserialize;
 
 use super::Hosted;
 use crate::distribution::{
-    Answer, Digest, ErrorCode, Manifest, ProtocolError, Reference, RepoName, Source, DOCKER_MANIFEST_LIST,
+    internal, Answer, Digest, ErrorCode, Manifest, ProtocolError, Reference, RepoName, Source, DOCKER_MANIFEST_LIST,
     DOCKER_MANIFEST_V2, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST,
 };
 use crate::storage::records::encode_manifest;
-use crate::storage::{layout, ByteStream};
+use crate::storage::{layout, marks, ByteStream};
 
 /// The manifest media types a push may carry.
 const KNOWN_MEDIA_TYPES: [&str; 4] = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST_V2, DOCKER_MANIFEST_LIST];
@@ -143,9 +143,11 @@ fn missing(repo: &RepoName, what: &str, d: &Digest) -> ProtocolError {
 }
 
 impl Hosted {
+    /// The manifest a read names. A reference that cannot be a tag names nothing: 404
+    /// `MANIFEST_UNKNOWN`, as for any other absent manifest (only a PUT of one is invalid).
     async fn resolve(&self, repo: &RepoName, reference: &str) -> Result<Digest, ProtocolError> {
         let unknown = || manifest_unknown(repo, reference);
-        match Reference::parse(reference)? {
+        match Reference::parse_to_read(reference)? {
             Reference::Tag(t) => {
                 let link = self.get(&layout::hosted_tag(repo, &t), "cannot read tag").await?.ok_or_else(unknown)?;
                 std::str::from_utf8(&link).ok().and_then(|s| Digest::parse(s).ok()).ok_or_else(unknown)
@@ -234,6 +236,14 @@ impl Hosted {
             if !b.urls.is_empty() {
                 continue;
             }
+            // The mark is refreshed before the link and size are looked at for good: a `gc`
+            // sweeping this unreferenced blob from then on sees it young and keeps it, so the
+            // manifest never references deleted bytes. Only once `repo` is known to link it:
+            // touching any digest named would let a push tell (by timing) what other
+            // repositories hold, and keep their unreferenced content from `gc`.
+            if self.exists(&layout::layer_link(repo, &d)).await? {
+                marks::touch(&*self.storage, &d).await.map_err(|e| internal("cannot write mark", e))?;
+            }
             match self.linked_blob(repo, &d).await? {
                 Some(size) if size == b.size => {}
                 Some(size) => return Err(invalid(format!("blob {d} has {size} bytes, the manifest says {}", b.size))),
@@ -247,9 +257,8 @@ impl Hosted {
     /// last, so that no reader ever sees a tag or link to something not yet stored.
     async fn store_manifest(&self, repo: &RepoName, reference: &Reference, m: &Validated) -> Result<(), ProtocolError> {
         let digest = &m.digest;
-        let record_stored = self.manifest_record(digest).await?.is_some();
-        self.claim(digest, "manifest", record_stored).await?;
-        if !record_stored {
+        // Claimed before looking for the record, as an upload does (see `claim_stored`).
+        if !self.claim_stored(digest, "manifest").await? {
             let record = encode_manifest(&Manifest {
                 digest: digest.clone(),
                 media_type: m.media_type.clone(),

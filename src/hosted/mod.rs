@@ -12,20 +12,29 @@
 //! reachable, the mark before the blob (so eviction never sees an unmarked hosted blob), and a
 //! tag moves last, after everything it points to is stored.
 //!
-//! Upload sessions live in memory (their data in staging files, never whole in memory); a
-//! restart forgets them, which clients see as `BLOB_UPLOAD_UNKNOWN` and answer by re-uploading.
+//! Upload sessions live in memory (their data in staging files, never whole in memory, closed
+//! between requests so an idle session holds no descriptor); a restart forgets them, which
+//! clients see as `BLOB_UPLOAD_UNKNOWN` and answer by re-uploading. They are bounded per
+//! process and per user, so one user with push rights cannot take them all.
+//!
+//! Every write that makes content reachable claims (or refreshes) the digest's mark first and
+//! only then looks at what is stored, so a concurrent `gc` either sees the content young or has
+//! already deleted it (and the push commits its own copy).
 //!
 //! * this file: the [`Hosted`] registry, the access decision and dispatch, storage helpers;
 //! * `manifests`: manifests, their parsing and validation;
 //! * `blobs`: reading and unlinking blobs;
 //! * `uploads`: upload sessions, chunks and cross-repository mounts;
 //! * `discovery`: tag lists, referrers and the catalog;
-//! * `gc`: `ferry gc`, which sweeps what no manifest references.
+//! * `gc`: `ferry gc`, which sweeps what no manifest references;
+//! * `tests` (tests only): whole requests through [`Hosted::handle`], races included.
 
 mod blobs;
 mod discovery;
 mod gc;
 mod manifests;
+#[cfg(test)]
+mod tests;
 mod uploads;
 
 pub use gc::{gc, GcReport};
@@ -43,6 +52,10 @@ use crate::storage::records::decode_manifest;
 use crate::storage::{layout, marks, ByteStream, Storage};
 
 use uploads::Session;
+
+/// Default bound on the upload sessions one user may hold open at once (each is a staging file
+/// kept for up to `hosted.upload_max_age`): one user with push rights cannot take every session.
+pub const DEFAULT_MAX_UPLOAD_SESSIONS_PER_USER: usize = 64;
 
 /// One request for a hosted repository, parsed by the server.
 pub struct HostedRequest<'a> {
@@ -69,12 +82,27 @@ pub struct Hosted {
     config: HostedConfig,
     /// Open upload sessions by id (see `uploads`).
     sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// Most upload sessions one user may hold open at once.
+    max_sessions_per_user: usize,
 }
 
 impl Hosted {
-    /// A hosted registry over `storage`, guarded by `auth`.
-    pub fn new(storage: Arc<dyn Storage>, auth: Arc<Auth>, config: HostedConfig) -> Arc<Hosted> {
-        Arc::new(Hosted { storage, auth, config, sessions: Mutex::new(HashMap::new()) })
+    /// A hosted registry over `storage`, guarded by `auth`. One user may hold at most
+    /// `max_upload_sessions_per_user` upload sessions open at once (the process-wide cap
+    /// applies too); `0` refuses every session (only single-request uploads and mounts work).
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        auth: Arc<Auth>,
+        config: HostedConfig,
+        max_upload_sessions_per_user: usize,
+    ) -> Arc<Hosted> {
+        Arc::new(Hosted {
+            storage,
+            auth,
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            max_sessions_per_user: max_upload_sessions_per_user,
+        })
     }
 
     /// Whether a repository name (as sent) falls under a hosted namespace. Decided on the raw
@@ -159,9 +187,28 @@ impl Hosted {
         self.storage.list_objects(prefix).await.map_err(|e| internal("cannot list metadata", e))
     }
 
-    /// Marks `digest` as used by hosted content (before the content is committed).
-    async fn claim(&self, digest: &Digest, kind: &str, already_stored: bool) -> Result<(), ProtocolError> {
-        marks::claim(&*self.storage, digest, kind, already_stored).await.map_err(|e| internal("cannot write mark", e))
+    /// Claims `digest` for hosted content (a `kind` of `blob` or `manifest`), then says whether
+    /// its content is already stored. The answer is looked up after the claim: a `gc` that reads
+    /// the fresh mark keeps the content, while a "stored" seen before the claim may name a blob
+    /// `gc` is deleting (the caller would link it instead of committing its own copy).
+    async fn claim_stored(&self, digest: &Digest, kind: &str) -> Result<bool, ProtocolError> {
+        let before = self.stored(digest, kind).await?;
+        let created = marks::claim(&*self.storage, digest, kind).await.map_err(|e| internal("cannot write mark", e))?;
+        let stored = self.stored(digest, kind).await?;
+        if created && before && stored {
+            // Stored and unmarked, before the claim and after: the cache fetched it from an
+            // upstream, so it is public and `gc` leaves its bytes to the cache. (Stored only
+            // after the claim is a concurrent push of the same private content: it stays private.)
+            marks::mark_public(&*self.storage, digest).await.map_err(|e| internal("cannot write mark", e))?;
+        }
+        Ok(stored)
+    }
+
+    async fn stored(&self, digest: &Digest, kind: &str) -> Result<bool, ProtocolError> {
+        match kind {
+            "manifest" => Ok(self.manifest_record(digest).await?.is_some()),
+            _ => Ok(self.blob_size(digest).await?.is_some()),
+        }
     }
 
     async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, ProtocolError> {

@@ -2,8 +2,11 @@
 //! purge of abandoned sessions.
 //!
 //! A session's data lives in a staging file, hashed as it arrives, so finishing an upload is
-//! a digest comparison and a rename, never a second read of the bytes.
+//! a digest comparison and a rename, never a second read of the bytes. Between requests the
+//! file is closed ([`ParkedStaged`]): a session idle for hours holds a path, not a descriptor,
+//! and sessions are bounded per user as well as per process.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,33 +20,40 @@ use super::{query_param, Hosted};
 use crate::auth::Identity;
 use crate::config::Access;
 use crate::distribution::{internal, Answer, Digest, DigestVerifier, ErrorCode, ProtocolError, RepoName};
-use crate::storage::{ByteStream, Staged};
+use crate::storage::{layout, ByteStream, ParkedStaged, Staged};
 
 /// Upload data is written in batches of about this size: few, large writes.
 const WRITE_BATCH: usize = 1024 * 1024;
 
-/// Most upload sessions open at once (each holds a staging file).
+/// Most upload sessions open at once, whoever holds them (each keeps a staging file on disk).
 const MAX_SESSIONS: usize = 4096;
 
 /// One upload session.
 pub(super) struct Session {
     repo: RepoName,
+    /// Who opened it (the bound per user counts by this).
+    owner: String,
     /// Held for the whole of a chunk's transfer: chunks of one upload never interleave.
     state: Arc<tokio::sync::Mutex<UploadState>>,
     last_used: Mutex<Instant>,
 }
 
 struct UploadState {
-    /// `None` once the session is finished or cancelled.
-    staged: Option<Arc<Staged>>,
+    /// The staging file, closed between requests. `None` once the session is finished or
+    /// cancelled, or broken (a failed write or reopen: its bytes can no longer be trusted).
+    parked: Option<ParkedStaged>,
     written: u64,
     hasher: DigestVerifier,
 }
 
 impl UploadState {
-    fn new(staged: Option<Arc<Staged>>) -> UploadState {
-        UploadState { staged, written: 0, hasher: DigestVerifier::new() }
+    fn new(parked: Option<ParkedStaged>) -> UploadState {
+        UploadState { parked, written: 0, hasher: DigestVerifier::new() }
     }
+}
+
+fn upload_finished() -> ProtocolError {
+    ProtocolError::new(ErrorCode::BlobUploadUnknown, "upload finished")
 }
 
 impl Session {
@@ -96,59 +106,114 @@ impl Hosted {
         who: &Identity,
         body: ByteStream,
     ) -> Result<Answer, ProtocolError> {
-        if let (Some(mount), Some(from)) = (query_param(query, "mount"), query_param(query, "from")) {
-            if let Some(r) = self.try_mount(repo, &mount, &from, who).await? {
+        if let Some(mount) = query_param(query, "mount") {
+            let from = query_param(query, "from");
+            if let Some(r) = self.try_mount(repo, &mount, from.as_deref(), who).await? {
                 return Ok(r);
             }
         }
-        let staged = Arc::new(self.storage.stage().await.map_err(|e| internal("cannot create upload file", e))?);
         if let Some(d) = query_param(query, "digest") {
-            // Single-POST monolithic upload.
+            // Single-POST monolithic upload: no session, nothing left open after the request.
             let digest = Digest::parse(&d)?;
-            let mut state = UploadState::new(Some(staged.clone()));
+            let mut state = UploadState::new(Some(self.stage().await?));
             append(&mut state, body, None).await?;
             self.commit_upload(repo, state, &digest).await?;
             return Ok(blob_created(repo, &digest));
         }
+        // Refused before a staging file is made; checked again as the session is added, since
+        // other requests of the same user may have added theirs meanwhile.
+        self.admit(who.name(), &*self.sessions.lock().map_err(|e| internal("lock poisoned", e))?)?;
         let id = uuid::Uuid::new_v4().simple().to_string();
         let session = Arc::new(Session {
             repo: repo.clone(),
-            state: Arc::new(tokio::sync::Mutex::new(UploadState::new(Some(staged)))),
+            owner: who.name().to_owned(),
+            state: Arc::new(tokio::sync::Mutex::new(UploadState::new(Some(self.stage().await?)))),
             last_used: Mutex::new(Instant::now()),
         });
-        {
-            let mut map = self.sessions.lock().map_err(|e| internal("lock poisoned", e))?;
-            if map.len() >= MAX_SESSIONS {
-                return Err(ProtocolError::new(
-                    ErrorCode::TooManyRequests,
-                    "too many uploads in progress; retry later",
-                ));
-            }
-            map.insert(id.clone(), session);
-        }
+        let mut map = self.sessions.lock().map_err(|e| internal("lock poisoned", e))?;
+        // Refused here, the session drops and its staging file goes with it.
+        self.admit(who.name(), &map)?;
+        map.insert(id.clone(), session);
         Ok(upload_reply(StatusCode::ACCEPTED, repo, &id, 0))
     }
 
-    /// Cross-repository mount: `Some(201)` when `from` holds the blob and the user may read it,
-    /// `None` to fall back to an ordinary upload (the spec's 202), never an error that would
-    /// reveal what `from` holds.
+    /// A new, parked staging file.
+    async fn stage(&self) -> Result<ParkedStaged, ProtocolError> {
+        Ok(self.storage.stage().await.map_err(|e| internal("cannot create upload file", e))?.park())
+    }
+
+    /// `Ok` if one more session fits: under the process-wide cap, and under the bound per user
+    /// (so that one user with push rights cannot hold every session).
+    fn admit(&self, user: &str, sessions: &HashMap<String, Arc<Session>>) -> Result<(), ProtocolError> {
+        if sessions.len() >= MAX_SESSIONS {
+            return Err(ProtocolError::new(ErrorCode::TooManyRequests, "too many uploads in progress; retry later"));
+        }
+        let held = sessions.values().filter(|s| s.owner == user).count();
+        let limit = self.max_sessions_per_user;
+        if held >= limit {
+            return Err(ProtocolError::new(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "user {user:?} has {held} uploads in progress, the most one user may have open at once \
+                     (max_upload_sessions_per_user: {limit}); finish or cancel one, or retry later"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Cross-repository mount: `Some(201)` when `from` (or, without `from`, any hosted
+    /// repository: distribution-spec 1.1's automatic content discovery) links the blob and the
+    /// user may pull it there; `None` to fall back to an ordinary upload (the spec's 202), never
+    /// an error that would reveal what another repository holds.
     async fn try_mount(
         &self,
         repo: &RepoName,
         mount: &str,
-        from: &str,
+        from: Option<&str>,
         who: &Identity,
     ) -> Result<Option<Answer>, ProtocolError> {
-        let (Ok(digest), Ok(from)) = (Digest::parse(mount), RepoName::parse(from)) else { return Ok(None) };
-        if !self.is_hosted(from.as_str()) || self.auth.check(who, from.as_str(), Access::Pull).is_err() {
+        let Ok(digest) = Digest::parse(mount) else { return Ok(None) };
+        let found = match from {
+            Some(from) => match RepoName::parse(from) {
+                Ok(from) => self.may_mount_from(&from, &digest, who).await?,
+                Err(_) => false,
+            },
+            None => self.discover_source(&digest, who).await?.is_some(),
+        };
+        // Claimed before the last look at the bytes, as an upload does: a `gc` deleting them
+        // now either sees the fresh mark or has deleted them before this finds them gone.
+        if !found || !self.claim_stored(&digest, "blob").await? {
             return Ok(None);
         }
-        if self.linked_blob(&from, &digest).await?.is_none() {
-            return Ok(None);
-        }
-        self.claim(&digest, "blob", true).await?;
         self.link_blob(repo, &digest).await?;
         Ok(Some(blob_created(repo, &digest)))
+    }
+
+    /// Whether `who` may mount `digest` from `from`: a hosted repository they may pull, linking it.
+    async fn may_mount_from(&self, from: &RepoName, digest: &Digest, who: &Identity) -> Result<bool, ProtocolError> {
+        if !self.is_hosted(from.as_str()) || self.auth.check(who, from.as_str(), Access::Pull).is_err() {
+            return Ok(false);
+        }
+        Ok(self.linked_blob(from, digest).await?.is_some())
+    }
+
+    /// A hosted repository that links `digest` and that `who` may pull, found through every
+    /// repository's layer links (a blob pushed to a repository without a manifest yet counts).
+    /// Repositories `who` may not pull are skipped as if they did not hold it.
+    async fn discover_source(&self, digest: &Digest, who: &Identity) -> Result<Option<RepoName>, ProtocolError> {
+        for key in self.list(layout::REPOS_PREFIX).await? {
+            if layout::classify_repo_key(&key) != layout::RepoKey::Layer(digest.hex()) {
+                continue;
+            }
+            let name = key.strip_prefix(layout::REPOS_PREFIX).and_then(|k| k.split_once("/_layers/"));
+            let Some(repo) = name.and_then(|(name, _)| RepoName::parse(name).ok()) else { continue };
+            // `layout` stays the one authority on keys: the name read back must build this key.
+            if layout::layer_link(&repo, digest) == key && self.may_mount_from(&repo, digest, who).await? {
+                return Ok(Some(repo));
+            }
+        }
+        Ok(None)
     }
 
     /// The session `id` of `repo` (another repository's session is as good as unknown).
@@ -179,7 +244,7 @@ impl Hosted {
         let session = self.session(repo, id)?;
         let state = session.state.clone().lock_owned().await;
         let limit = chunk_limit(headers, state.written)?;
-        let (state, result) = append_detached(state, body, limit).await?;
+        let (state, result) = self.append_chunk(id, state, body, limit).await?;
         session.touch();
         result?;
         Ok(upload_reply(StatusCode::ACCEPTED, repo, id, state.written))
@@ -199,7 +264,7 @@ impl Hosted {
             .and_then(|d| Digest::parse(&d))?;
         let state = session.state.clone().lock_owned().await;
         let limit = chunk_limit(headers, state.written)?;
-        let (mut state, result) = append_detached(state, body, limit).await?;
+        let (mut state, result) = self.append_chunk(id, state, body, limit).await?;
         result?;
         let state = std::mem::replace(&mut *state, UploadState::new(None));
         // Finished either way: a mismatch discards the data, nothing of it stays visible.
@@ -208,10 +273,28 @@ impl Hosted {
         Ok(blob_created(repo, &digest))
     }
 
+    /// Appends a chunk to session `id` ([`append_detached`]). A session that broke doing so
+    /// (a failed write or reopen, or its task died) is forgotten at once: it can never
+    /// succeed, and it would hold its user's session slot until the idle purge.
+    async fn append_chunk(
+        &self,
+        id: &str,
+        state: StateGuard,
+        body: ByteStream,
+        limit: Option<u64>,
+    ) -> Result<(StateGuard, Result<(), ProtocolError>), ProtocolError> {
+        let appended = append_detached(state, body, limit).await;
+        if appended.as_ref().map_or(true, |(state, _)| state.parked.is_none()) {
+            self.forget(id);
+        }
+        appended
+    }
+
     /// Verifies an upload against `digest` and makes it visible in `repo`.
     async fn commit_upload(&self, repo: &RepoName, state: UploadState, digest: &Digest) -> Result<(), ProtocolError> {
-        let staged = state.staged.ok_or_else(|| ProtocolError::new(ErrorCode::BlobUploadUnknown, "upload finished"))?;
-        let got = state.hasher.finish();
+        let UploadState { parked, written, hasher } = state;
+        let parked = parked.ok_or_else(upload_finished)?;
+        let got = hasher.finish();
         if got != *digest {
             tracing::warn!(target: "ferry::hosted", %repo, expected = %digest, %got, "upload digest mismatch; discarded");
             return Err(ProtocolError::new(
@@ -219,26 +302,29 @@ impl Hosted {
                 format!("uploaded content has digest {got}, not {digest}"),
             ));
         }
-        let stored = self.blob_size(digest).await?.is_some();
-        self.claim(digest, "blob", stored).await?;
-        if !stored {
-            // Bytes past the verified length (a chunk cut off mid-write) must not be published.
-            let (s, len) = (staged.clone(), state.written);
-            tokio::task::spawn_blocking(move || s.set_len(len))
-                .await
-                .map_err(|e| internal("upload task failed", e))?
-                .map_err(|e| internal("cannot trim upload file", e))?;
-            self.storage.commit(staged, digest).await.map_err(|e| internal("cannot store blob", e))?;
+        // Claimed before looking for the blob: a `gc` that sees the fresh mark keeps it, and
+        // one that deleted it already leaves it missing here, so these bytes are committed.
+        if !self.claim_stored(digest, "blob").await? {
+            let staged = tokio::task::spawn_blocking(move || -> io::Result<Staged> {
+                let staged = parked.resume()?;
+                // Bytes past the verified length (a chunk cut off mid-write) must not be published.
+                staged.set_len(written)?;
+                Ok(staged)
+            })
+            .await
+            .map_err(|e| internal("upload task failed", e))?
+            .map_err(|e| internal("cannot trim upload file", e))?;
+            self.storage.commit(Arc::new(staged), digest).await.map_err(|e| internal("cannot store blob", e))?;
         }
         self.link_blob(repo, digest).await?;
-        tracing::debug!(target: "ferry::hosted", %repo, %digest, size = state.written, "blob stored");
+        tracing::debug!(target: "ferry::hosted", %repo, %digest, size = written, "blob stored");
         Ok(())
     }
 
     pub(super) async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<Answer, ProtocolError> {
         let session = self.session(repo, id)?;
         let state = session.state.lock().await;
-        if state.staged.is_none() {
+        if state.parked.is_none() {
             return Err(ProtocolError::new(ErrorCode::BlobUploadUnknown, format!("upload {id:?} is finished")));
         }
         Ok(upload_reply(StatusCode::NO_CONTENT, repo, id, state.written))
@@ -293,28 +379,47 @@ async fn append_detached(
 
 /// Streams `body` onto the end of the upload, hashing as it goes, at most `limit` bytes.
 /// Bytes received before an error stay (the upload can resume from there, GET tells where).
-async fn append(state: &mut UploadState, mut body: ByteStream, limit: Option<u64>) -> Result<(), ProtocolError> {
-    let staged =
-        state.staged.clone().ok_or_else(|| ProtocolError::new(ErrorCode::BlobUploadUnknown, "upload finished"))?;
+/// The staging file is open only meanwhile; a failed write or reopen leaves the session
+/// without one (broken: the caller forgets it).
+async fn append(state: &mut UploadState, body: ByteStream, limit: Option<u64>) -> Result<(), ProtocolError> {
+    let parked = state.parked.take().ok_or_else(upload_finished)?;
+    let staged = tokio::task::spawn_blocking(move || parked.resume())
+        .await
+        .map_err(|e| internal("upload task failed", e))?
+        .map_err(|e| internal("cannot reopen upload file", e))?;
+    let (staged, result) = stream_into(state, staged, body, limit).await;
+    state.parked = staged.map(Staged::park);
+    result
+}
+
+/// [`append`] with the file open: gives the file back unless a write failed.
+async fn stream_into(
+    state: &mut UploadState,
+    mut staged: Staged,
+    mut body: ByteStream,
+    limit: Option<u64>,
+) -> (Option<Staged>, Result<(), ProtocolError>) {
     let mut received: u64 = 0;
     loop {
         // `received` never passes `limit`: a batch that would is cut short with an error.
         let batch = next_batch(&mut body, limit.map(|l| l - received)).await;
         if batch.len > 0 {
-            write_batch(state, &staged, batch.bufs).await?;
+            staged = match write_batch(state, staged, batch.bufs).await {
+                Ok(staged) => staged,
+                Err(e) => return (None, Err(e)),
+            };
             received += batch.len as u64;
         }
-        match batch.stop {
+        let result = match batch.stop {
             None => continue,
-            Some(Err(e)) => return Err(e),
-            Some(Ok(())) if limit.is_some_and(|l| received != l) => {
-                return Err(ProtocolError::new(
-                    ErrorCode::SizeInvalid,
-                    format!("received {received} bytes, the headers announced {}", limit.unwrap_or(0)),
-                ));
-            }
-            Some(Ok(())) => return Ok(()),
-        }
+            Some(Err(e)) => Err(e),
+            Some(Ok(())) if limit.is_some_and(|l| received != l) => Err(ProtocolError::new(
+                ErrorCode::SizeInvalid,
+                format!("received {received} bytes, the headers announced {}", limit.unwrap_or(0)),
+            )),
+            Some(Ok(())) => Ok(()),
+        };
+        return (Some(staged), result);
     }
 }
 
@@ -359,26 +464,23 @@ async fn next_batch(body: &mut ByteStream, room: Option<u64>) -> Batch {
 }
 
 /// Hashes and writes a batch at the end of the upload, on the blocking pool (the bytes move
-/// there without a copy), and counts it.
-async fn write_batch(state: &mut UploadState, staged: &Arc<Staged>, bufs: Vec<Bytes>) -> Result<(), ProtocolError> {
-    let (s, at) = (staged.clone(), state.written);
+/// there without a copy), and counts it. On a failed write the file is dropped (and removed):
+/// the hasher saw bytes that may not be on disk, so the session cannot continue.
+async fn write_batch(state: &mut UploadState, staged: Staged, bufs: Vec<Bytes>) -> Result<Staged, ProtocolError> {
+    let at = state.written;
     let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
     // A copy: if this is interrupted, the session's hasher still matches `written`.
     let mut hasher = state.hasher.clone();
-    let (hasher, res) = tokio::task::spawn_blocking(move || {
-        let res = hash_and_write(&s, &bufs, at, &mut hasher);
-        (hasher, res)
+    let (staged, hasher, res) = tokio::task::spawn_blocking(move || {
+        let res = hash_and_write(&staged, &bufs, at, &mut hasher);
+        (staged, hasher, res)
     })
     .await
     .map_err(|e| internal("upload task failed", e))?;
-    if let Err(e) = res {
-        // The hasher saw bytes that may not be on disk: the session cannot continue.
-        state.staged = None;
-        return Err(internal("cannot write upload file", e));
-    }
+    res.map_err(|e| internal("cannot write upload file", e))?;
     state.hasher = hasher;
     state.written += len;
-    Ok(())
+    Ok(staged)
 }
 
 fn hash_and_write(staged: &Staged, bufs: &[Bytes], at: u64, hasher: &mut DigestVerifier) -> io::Result<()> {
@@ -400,7 +502,7 @@ mod tests {
         let config =
             crate::config::Config::from_yaml("hosted:\n  namespaces: [internal]\n  htpasswd: /x\n").unwrap().hosted;
         let auth = Arc::new(Auth::new("", &config).unwrap());
-        let hosted = Hosted::new(storage, auth, config);
+        let hosted = Hosted::new(storage, auth, config, crate::hosted::DEFAULT_MAX_UPLOAD_SESSIONS_PER_USER);
         let repo = RepoName::parse("internal/app").unwrap();
         let body: ByteStream = Box::pin(futures_util::stream::empty());
         let reply = hosted.start_upload(&repo, None, &Identity::User("u".into()), body).await.unwrap();

@@ -55,21 +55,36 @@ pub async fn mark_public(storage: &dyn Storage, digest: &Digest) -> io::Result<(
     storage.put_object(&layout::mark(digest), serde_json::to_vec(&mark).map_err(io::Error::other)?).await
 }
 
-/// Marks `digest` as used by hosted content now (before the content is committed, so
-/// eviction never sees an unmarked hosted blob). An existing mark is refreshed: a blob deleted
-/// from one repository and uploaded again to another is as young as the new upload, so `gc`'s
-/// grace period protects it (a stale `since` let `gc` remove a blob pushed a second earlier).
-/// Public stays public.
-pub async fn claim(storage: &dyn Storage, digest: &Digest, kind: &str, already_stored: bool) -> io::Result<()> {
+/// Marks `digest` as used by hosted content now, before the caller looks at what is stored
+/// and long before it links anything: a `gc` that reads the mark afterwards sees it young and
+/// keeps the content, and content is never committed unmarked (eviction would not spare it).
+///
+/// An existing mark is refreshed: a blob deleted from one repository and uploaded again to
+/// another is as young as the new upload (a stale `since` let `gc` remove a blob pushed a
+/// second earlier); its kind and sharing stay (public stays public, and a private blob pushed
+/// again stays private). A new mark is private; returns `true` when there was none, so that a
+/// caller that finds the content stored both before and after the claim records that the cache
+/// had it first ([`mark_public`]). Stored only before may be a blob `gc` was deleting, stored
+/// only after a concurrent push of the same private content: neither is public.
+pub async fn claim(storage: &dyn Storage, digest: &Digest, kind: &str) -> io::Result<bool> {
     let key = layout::mark(digest);
     let previous = storage.get_object(&key).await?.as_deref().and_then(decode);
-    let mark = Mark {
-        kind: previous.as_ref().map_or_else(|| kind.to_owned(), |m| m.kind.clone()),
-        // An existing mark knows better than `already_stored` (which then reports the hosted
-        // copy itself): a private blob must stay private when pushed again.
-        shared: previous.map_or(already_stored, |m| m.shared),
-        since: now_secs(),
+    let created = previous.is_none();
+    let mark = match previous {
+        Some(m) => Mark { since: now_secs(), ..m },
+        None => Mark { kind: kind.to_owned(), shared: false, since: now_secs() },
     };
+    storage.put_object(&key, serde_json::to_vec(&mark).map_err(io::Error::other)?).await?;
+    Ok(created)
+}
+
+/// Refreshes an existing mark's `since` (a manifest push about to reference the digest), so
+/// that a `gc` sweeping now sees it young; without a mark there is nothing `gc` would sweep,
+/// and none is created (the digest may name nothing stored).
+pub async fn touch(storage: &dyn Storage, digest: &Digest) -> io::Result<()> {
+    let key = layout::mark(digest);
+    let Some(mark) = storage.get_object(&key).await?.as_deref().and_then(decode) else { return Ok(()) };
+    let mark = Mark { since: now_secs(), ..mark };
     storage.put_object(&key, serde_json::to_vec(&mark).map_err(io::Error::other)?).await
 }
 
@@ -102,13 +117,32 @@ mod tests {
         let d = Digest::of(b"blob");
         let old = Mark { kind: "blob".into(), shared: false, since: 1 };
         storage.put_object(&layout::mark(&d), serde_json::to_vec(&old).unwrap()).await.unwrap();
-        claim(&storage, &d, "blob", true).await.unwrap();
+        assert!(!claim(&storage, &d, "blob").await.unwrap(), "the mark existed");
         let raw = storage.get_object(&layout::mark(&d)).await.unwrap().unwrap();
         let now = decode(&raw).unwrap();
         assert!(now.since > 1, "a re-claim makes the mark young again");
         assert!(!now.shared && is_private(&storage, &d).await.unwrap(), "and never makes private content public");
-        let fresh = Digest::of(b"cached first");
-        claim(&storage, &fresh, "blob", true).await.unwrap();
-        assert!(!is_private(&storage, &fresh).await.unwrap(), "content the cache had first is shared");
+        let fresh = Digest::of(b"new");
+        assert!(claim(&storage, &fresh, "blob").await.unwrap(), "a first claim creates the mark");
+        assert!(is_private(&storage, &fresh).await.unwrap(), "private until known otherwise");
+        mark_public(&storage, &fresh).await.unwrap();
+        claim(&storage, &fresh, "blob").await.unwrap();
+        assert!(!is_private(&storage, &fresh).await.unwrap(), "public stays public");
+    }
+
+    #[tokio::test]
+    async fn a_touch_refreshes_only_existing_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::storage::FsStorage::open(dir.path()).unwrap();
+        let d = Digest::of(b"blob");
+        let old = Mark { kind: "manifest".into(), shared: true, since: 1 };
+        storage.put_object(&layout::mark(&d), serde_json::to_vec(&old).unwrap()).await.unwrap();
+        touch(&storage, &d).await.unwrap();
+        let now = decode(&storage.get_object(&layout::mark(&d)).await.unwrap().unwrap()).unwrap();
+        assert_eq!((now.kind.as_str(), now.shared), ("manifest", true));
+        assert!(now.since > 1);
+        let none = Digest::of(b"unmarked");
+        touch(&storage, &none).await.unwrap();
+        assert!(!is_hosted(&storage, &none).await.unwrap(), "a touch never creates a mark");
     }
 }

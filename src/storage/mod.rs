@@ -101,13 +101,50 @@ impl Staged {
     pub fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         read_chunk(&self.file, offset, len)
     }
+
+    /// Closes the file but keeps it on disk, owned by the returned handle: an upload session
+    /// idle between chunks (for up to a day) then holds no file descriptor.
+    pub fn park(mut self) -> ParkedStaged {
+        // The path moves to the parked handle; an empty one tells `drop` there is nothing left
+        // to remove (the file closes as `self` drops).
+        ParkedStaged { path: std::mem::take(&mut self.path) }
+    }
 }
 
 impl Drop for Staged {
     fn drop(&mut self) {
         // After a successful commit the path no longer exists; otherwise this removes an
         // abandoned or failed fetch. Either way nothing half-written stays behind.
-        let _ = std::fs::remove_file(&self.path);
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A staging file closed between uses ([`Staged::park`]): only its path is held. It is still
+/// owned: dropping the handle removes the file, so nothing half-written stays behind.
+pub struct ParkedStaged {
+    path: PathBuf,
+}
+
+impl ParkedStaged {
+    /// Reopens the file for reading and writing (blocking: call from `spawn_blocking`). The
+    /// handle becomes the [`Staged`] (one owner of the file at any time: closing that one after
+    /// a chunk must not remove what a parked handle still names); park it again when done. If
+    /// the file cannot be reopened it is removed: its bytes cannot be trusted any more.
+    pub fn resume(mut self) -> io::Result<Staged> {
+        // Never created afresh: a missing file lost the bytes already counted.
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?;
+        Ok(Staged { file, path: std::mem::take(&mut self.path) })
+    }
+}
+
+impl Drop for ParkedStaged {
+    fn drop(&mut self) {
+        // Empty once resumed: the `Staged` owns the file now.
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -124,4 +161,30 @@ pub(crate) fn read_chunk(file: &std::fs::File, offset: u64, len: usize) -> io::R
     }
     buf.truncate(filled);
     Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_parked_staging_file_is_closed_kept_and_still_owned() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = FsStorage::open(dir.path()).unwrap();
+        let staged = storage.stage().await.unwrap();
+        staged.write_all_at(&[Bytes::from_static(b"hello ")], 0).unwrap();
+        let path = staged.path.clone();
+        let parked = staged.park();
+        assert!(path.exists(), "parking keeps the file");
+        let staged = parked.resume().unwrap();
+        staged.write_all_at(&[Bytes::from_static(b"world")], 6).unwrap();
+        assert_eq!(&staged.read_at(0, 64).unwrap()[..], b"hello world", "a resumed file keeps its bytes");
+        drop(staged.park());
+        assert!(!path.exists(), "a dropped parked handle removes its file");
+        let parked = storage.stage().await.unwrap().park();
+        let path = std::fs::read_dir(dir.path().join(layout::STAGING_DIR)).unwrap().next().unwrap().unwrap().path();
+        std::fs::remove_file(&path).unwrap();
+        assert!(parked.resume().is_err(), "a lost file is never created afresh");
+        assert!(!path.exists());
+    }
 }
