@@ -249,7 +249,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(ferry::server::run(config, path)) {
+            match runtime.block_on(ferry::http::run(config, path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("cannot start: {e}");

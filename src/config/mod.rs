@@ -1,0 +1,271 @@
+//! The YAML configuration: schema, embedded defaults, and validation whose every error names
+//! the key path it is about (e.g. `registries.docker.io.upstreams[1].url`).
+//!
+//! Unknown keys are errors: a typo in an operator's file must not silently fall back to a
+//! default. The YAML is parsed by `serde-saphyr` (a maintained, panic-free parser with size
+//! budgets; `serde_yaml` is archived) into a generic value first, so that
+//! `serde_path_to_error` can report the path of a type error or an unknown key.
+//!
+//! One file per section; every type is re-exported here, so users name `crate::config::X`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+mod hosted;
+mod log;
+mod storage;
+mod upstream;
+
+pub use hosted::{under, Access, AccessRule, ChallengeKind, HostedConfig};
+pub use log::{LogConfig, LogFormat};
+pub use storage::{CacheConfig, StorageConfig};
+pub use upstream::{Capability, RegistryConfig, UpstreamConfig};
+
+/// A configuration problem, with the key path it concerns.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// Dotted key path (`registries.docker.io.upstreams[0].url`), or the file for I/O errors.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { path: path.into(), message: message.into() }
+    }
+}
+
+/// The whole configuration. Every key has a default; `Config::default()` is what
+/// `ferry serve` runs on without a file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the registry API listens on.
+    pub listen: String,
+    /// Where content lives.
+    pub storage: StorageConfig,
+    /// Metadata tier and freshness.
+    pub cache: CacheConfig,
+    /// Mirrored registries by canonical name (`docker.io`, `ghcr.io`, ...).
+    pub registries: BTreeMap<String, RegistryConfig>,
+    /// Registry used when a request names none (Docker's `registry-mirrors`).
+    pub default_registry: String,
+    /// Logging.
+    pub log: LogConfig,
+    /// Private namespaces that accept pushes (served, never proxied).
+    pub hosted: HostedConfig,
+    /// Serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN) with these PEM files; plain HTTP without.
+    pub tls: Option<TlsConfig>,
+    /// After SIGTERM/SIGINT, how long in-flight responses may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// A second, operations-only listener.
+    pub metrics: MetricsConfig,
+}
+
+/// `metrics:` — where else `/metrics`, `/healthz` and `/readyz` are served.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Also serve the operations endpoints (only those) on this address, e.g. to keep them
+    /// off the port clients use. They stay on the API port too.
+    pub listen: Option<String>,
+}
+
+/// `tls:` — the listener's certificate. Both files are re-read on SIGHUP.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut registries = BTreeMap::new();
+        registries.insert(
+            "docker.io".to_owned(),
+            RegistryConfig {
+                upstreams: vec![UpstreamConfig {
+                    url: "https://registry-1.docker.io".to_owned(),
+                    ..UpstreamConfig::default()
+                }],
+                hedge_delay: None,
+            },
+        );
+        Config {
+            listen: "0.0.0.0:5000".to_owned(),
+            storage: StorageConfig::default(),
+            cache: CacheConfig::default(),
+            registries,
+            default_registry: "docker.io".to_owned(),
+            log: LogConfig::default(),
+            tls: None,
+            shutdown_grace: Duration::from_secs(30),
+            metrics: MetricsConfig::default(),
+            hosted: HostedConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a YAML file, applying environment overrides for secrets.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))?;
+        let mut config = Config::parse(&text)?;
+        config.apply_env(|k| std::env::var(k).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Credentials from the environment, so secrets stay out of config files and ConfigMaps:
+    /// `FERRY_<REGISTRY>_<N>_USERNAME` and `FERRY_<REGISTRY>_<N>_PASSWORD` for upstream N
+    /// (from 0) of a registry, the name upper-cased with every other character as `_`
+    /// (`FERRY_DOCKER_IO_0_PASSWORD`).
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        for (name, reg) in self.registries.iter_mut() {
+            let reg_key: String =
+                name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+            for (i, up) in reg.upstreams.iter_mut().enumerate() {
+                if let Some(u) = var(&format!("FERRY_{reg_key}_{i}_USERNAME")) {
+                    up.username = Some(u);
+                }
+                if let Some(p) = var(&format!("FERRY_{reg_key}_{i}_PASSWORD")) {
+                    up.password = Some(p);
+                    up.password_file = None;
+                }
+            }
+        }
+    }
+
+    /// Parses and validates YAML text.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let config = Config::parse(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let value: serde_json::Value =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::new("(yaml)", e.to_string()))?;
+        let value = match value {
+            // An empty file means "all defaults".
+            serde_json::Value::Null => serde_json::Value::Object(Default::default()),
+            v => v,
+        };
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            ConfigError::new(if path == "." { "(root)".to_owned() } else { path }, e.into_inner().to_string())
+        })?;
+        Ok(config)
+    }
+
+    /// The listen address, parsed (validated at load).
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|e| {
+            ConfigError::new("listen", format!("{:?} is not an address like 0.0.0.0:5000: {e}", self.listen))
+        })
+    }
+
+    /// The operations-only listen address, if configured (validated at load).
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        match &self.metrics.listen {
+            None => Ok(None),
+            Some(l) => l.parse().map(Some).map_err(|e| {
+                ConfigError::new("metrics.listen", format!("{l:?} is not an address like 127.0.0.1:9090: {e}"))
+            }),
+        }
+    }
+
+    /// Semantic checks that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        self.metrics_addr()?;
+        if self.storage.root.as_os_str().is_empty() {
+            return Err(ConfigError::new("storage.root", "must not be empty"));
+        }
+        if self.registries.is_empty() {
+            return Err(ConfigError::new("registries", "at least one registry is needed"));
+        }
+        if !self.registries.contains_key(&self.default_registry) {
+            return Err(ConfigError::new(
+                "default_registry",
+                format!(
+                    "{:?} is not one of the configured registries ({})",
+                    self.default_registry,
+                    self.registries.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        for (name, reg) in &self.registries {
+            reg.validate(name)?;
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if let Err(e) = std::fs::metadata(path) {
+                    return Err(ConfigError::new(key, format!("{}: {e}", path.display())));
+                }
+            }
+        }
+        self.hosted.validate()?;
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(ConfigError::new(
+                "log.level",
+                format!("{:?} is not a log filter such as info or ferry=debug", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The error `yaml` is rejected with (it must be rejected).
+    pub(crate) fn error_at(yaml: &str) -> ConfigError {
+        match Config::from_yaml(yaml) {
+            Ok(_) => panic!("accepted: {yaml}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_yaml("").unwrap();
+        assert_eq!(c.listen, "0.0.0.0:5000");
+        assert_eq!(c.default_registry, "docker.io");
+        assert_eq!(c.registries["docker.io"].upstreams[0].url, "https://registry-1.docker.io");
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        let e = error_at("storage:\n  rooot: /x\n");
+        assert!(e.path.starts_with("storage"), "{e}");
+        assert!(e.message.contains("rooot"), "{e}");
+        assert_eq!(error_at("cache:\n  tag_ttl: soon\n").path, "cache.tag_ttl");
+        assert_eq!(error_at("default_registry: ghcr.io\n").path, "default_registry");
+        assert_eq!(error_at("listen: nowhere\n").path, "listen");
+    }
+
+    #[test]
+    fn shipped_config_files_are_valid() {
+        for (name, text) in [
+            ("config.example.yml", include_str!("../../config.example.yml")),
+            ("deploy/config.yml", include_str!("../../deploy/config.yml")),
+        ] {
+            if let Err(e) = Config::from_yaml(text) {
+                panic!("{name}: {e}");
+            }
+        }
+    }
+}
