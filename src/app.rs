@@ -90,7 +90,7 @@ impl App {
                     storage.clone(),
                     auth.clone(),
                     config.hosted.clone(),
-                    crate::hosted::DEFAULT_MAX_UPLOAD_SESSIONS_PER_USER,
+                    config.limits.max_upload_sessions_per_user,
                 );
                 // Abandoned uploads are purged in the background (when there is a runtime).
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {

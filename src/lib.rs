@@ -16,4 +16,5 @@ pub mod http;
 pub mod metrics;
 pub mod registry;
 pub mod storage;
+pub mod throttle;
 pub mod upstream;

@@ -16,11 +16,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 mod hosted;
+mod limits;
 mod log;
 mod storage;
 mod upstream;
 
 pub use hosted::{under, Access, AccessRule, ChallengeKind, HostedConfig};
+pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
 pub use storage::{CacheConfig, StorageConfig};
 pub use upstream::{Capability, RegistryConfig, UpstreamConfig};
@@ -67,6 +69,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// A second, operations-only listener.
     pub metrics: MetricsConfig,
+    /// What clients may hold: connections, idle time, buffered bytes, blob size, uploads.
+    pub limits: LimitsConfig,
 }
 
 /// `metrics:` — where else `/metrics`, `/healthz` and `/readyz` are served.
@@ -112,6 +116,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             metrics: MetricsConfig::default(),
             hosted: HostedConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -217,6 +222,7 @@ impl Config {
             }
         }
         self.hosted.validate()?;
+        self.limits.validate()?;
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::new(
                 "log.level",

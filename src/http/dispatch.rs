@@ -32,14 +32,30 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, client: SocketAddr) -
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let challenge = token::challenge_for(&app, &req);
+    let sent_body = sends_body(&req);
     let (route, handled) = dispatch(&app, req, client).await;
     let (mut resp, source) = match handled {
         Ok(ok) => ok,
         Err(e) => (response::error(&e, method == Method::HEAD, &challenge), None),
     };
     resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    if sent_body && resp.status().as_u16() >= 400 {
+        // A refusal may come before the body was read (a 401 to a PUT, a 416 to an
+        // out-of-order PATCH); hyper then closes the HTTP/1 connection, and a client that
+        // reuses it (Go's, in Docker and containerd) fails with EOF. Saying so lets it open
+        // a new one.
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let log = AccessLog { metrics: app.metrics.clone(), method, path, route, source, client, started };
     access_log::track(resp, log)
+}
+
+/// Whether an HTTP/1 request carries a body (HTTP/2 has no connection to close: a stream
+/// reset ends just that request, and `Connection` is not allowed there).
+fn sends_body<B>(req: &Request<B>) -> bool {
+    let h1 = matches!(req.version(), http::Version::HTTP_10 | http::Version::HTTP_11);
+    let length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    h1 && (length.is_some_and(|l| l > 0) || req.headers().contains_key(header::TRANSFER_ENCODING))
 }
 
 /// Picks the endpoint family; returns the `route` metrics label with the outcome.

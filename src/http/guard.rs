@@ -15,12 +15,21 @@
 //!   `max_buffered` bytes whatever they do; others wait for room (bounded by the stall timeout
 //!   of the holders).
 
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+
+use super::Body;
 
 /// Why [`watch`] closed a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +175,75 @@ impl Budget {
     /// Bytes currently held by frames clients have not taken.
     pub fn held(&self) -> u64 {
         (u64::from(self.total_kib) - self.kib.available_permits() as u64) * 1024
+    }
+}
+
+/// A response body under the connection's watch and the process-wide [`Budget`]: each frame
+/// holds its size from the budget until hyper asks for the next one, and the connection's
+/// [`Activity`] knows how long a handed-out frame has waited. The request counts as in flight
+/// until this body is dropped.
+pub struct Guarded {
+    inner: Body,
+    clock: BodyClock,
+    budget: Arc<Budget>,
+    /// The budget held by the frame last handed out.
+    held: Option<OwnedSemaphorePermit>,
+    /// A frame waiting for room in the budget, and the reservation in progress.
+    pending: Option<(Frame<Bytes>, Reservation)>,
+}
+
+type Reservation = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
+
+impl Guarded {
+    /// Wraps `inner`; the request started (for idleness) when this is built.
+    pub fn new(inner: Body, activity: &Arc<Activity>, budget: Arc<Budget>) -> Guarded {
+        activity.request_started();
+        Guarded { inner, clock: activity.body_clock(), budget, held: None, pending: None }
+    }
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        // Asked again: the client took the last frame (hyper wrote it or the stream has window).
+        this.clock.polled();
+        this.held = None;
+        if this.pending.is_none() {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let len = frame.data_ref().map_or(0, |d| d.len());
+                    if len == 0 {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    let budget = this.budget.clone();
+                    this.pending = Some((frame, Box::pin(async move { budget.reserve(len).await })));
+                }
+                other => return other,
+            }
+        }
+        let Some((_, reservation)) = this.pending.as_mut() else { return Poll::Pending };
+        let Poll::Ready(permit) = reservation.as_mut().poll(cx) else { return Poll::Pending };
+        let Some((frame, _)) = this.pending.take() else { return Poll::Pending };
+        this.held = permit;
+        this.clock.handed_out();
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.clock.activity.request_ended();
     }
 }
 

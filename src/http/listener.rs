@@ -7,19 +7,26 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, StatusCode};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsAcceptor;
 
+use super::guard::{self, Activity, Admission, Budget, Guarded};
 use super::{dispatch, response, Tls};
 use crate::app::{App, StartError};
-use crate::config::Config;
+use crate::config::{Config, LimitsConfig};
+use crate::throttle::Throttle;
 
 /// How long a client may take to send its request headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connections the operations-only listener serves at once.
+const OPS_MAX_CONNECTIONS: usize = 64;
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,19 +55,25 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Sta
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    // One budget for both listeners; separate admission, so probes and scrapes still get in
+    // while the API port is full.
+    let budget = Budget::new(config.limits.max_buffered.as_u64());
     let ops = match config.metrics_addr()? {
         Some(addr) => {
             let listen = config.metrics.listen.clone().unwrap_or_default();
             let ops_err = |err| StartError::Bind { addr: listen.clone(), err };
             let ops_listener = TcpListener::bind(addr).await.map_err(ops_err)?;
             tracing::info!("operations endpoints on http://{}", ops_listener.local_addr().map_err(ops_err)?);
-            let serving = serve(app.clone(), ops_listener, None, config.shutdown_grace, true, stopped(stop_rx.clone()));
+            let bounds = Bounds::new(&config.limits, OPS_MAX_CONNECTIONS, budget.clone());
+            let serving =
+                serve(app.clone(), ops_listener, None, config.shutdown_grace, true, bounds, stopped(stop_rx.clone()));
             Some(tokio::spawn(serving))
         }
         None => None,
     };
     tokio::spawn(watch_reload(config.clone(), config_path, tls.clone()));
-    serve(app, listener, tls, config.shutdown_grace, false, stopped(stop_rx)).await;
+    let bounds = Bounds::new(&config.limits, config.limits.max_connections, budget);
+    serve(app, listener, tls, config.shutdown_grace, false, bounds, stopped(stop_rx)).await;
     if let Some(ops) = ops {
         let _ = ops.await;
     }
@@ -104,43 +117,83 @@ async fn watch_reload(running: Config, path: Option<PathBuf>, tls: Option<Arc<Tl
     }
 }
 
+/// What every connection of one listener is held to (see [`guard`]).
+#[derive(Clone)]
+pub struct Bounds {
+    /// At most this many connections of this listener at once.
+    admission: Arc<Admission>,
+    /// Unread response bytes, shared by every listener.
+    budget: Arc<Budget>,
+    /// Close a connection with nothing in flight after this.
+    idle: Duration,
+    /// Close a connection whose client has not read a frame for this long.
+    stall: Duration,
+}
+
+impl Bounds {
+    /// The bounds of `limits`, with `max_connections` for this listener.
+    pub fn new(limits: &LimitsConfig, max_connections: usize, budget: Arc<Budget>) -> Bounds {
+        Bounds {
+            admission: Arc::new(Admission::new(max_connections)),
+            budget,
+            idle: limits.client_idle_timeout,
+            stall: limits.send_stall_timeout,
+        }
+    }
+}
+
 /// Serves connections from `listener` (TLS when `tls` is set) until `shutdown` resolves, then
 /// waits up to `grace` for in-flight responses. With `ops_only`, only `/metrics`, `/healthz`
-/// and `/readyz` are answered.
+/// and `/readyz` are answered. At most `bounds`' connections are served at once: beyond it the
+/// accept loop waits for one to end, so the kernel's backlog, not Ferry, holds the rest.
 pub async fn serve(
     app: Arc<App>,
     listener: TcpListener,
     tls: Option<Arc<Tls>>,
     grace: Duration,
     ops_only: bool,
+    bounds: Bounds,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = connection_builder();
+    let accept_errors = Throttle::new(Duration::from_secs(10));
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     tokio::pin!(shutdown);
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: keep serving the others.
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let connection = Connection {
-                    app: app.clone(),
-                    builder: builder.clone(),
-                    watcher: graceful.watcher(),
-                    peer,
-                    ops_only,
-                };
-                tokio::spawn(connection.serve(stream, tls.as_ref().map(|t| t.acceptor())));
-            }
+        let admitted = tokio::select! {
+            permit = bounds.admission.admit() => permit,
             () = &mut shutdown => break,
-        }
+        };
+        let Some(permit) = admitted else { break };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning (the
+                // error repeats at once), and say so once per interval, with a count.
+                if let Some(suppressed) = accept_errors.allow() {
+                    tracing::warn!(error = %e, suppressed, "accept failed; backing off");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = ACCEPT_BACKOFF_MIN;
+        let _ = stream.set_nodelay(true);
+        let connection = Connection {
+            app: app.clone(),
+            builder: builder.clone(),
+            watcher: graceful.watcher(),
+            peer,
+            ops_only,
+            bounds: bounds.clone(),
+        };
+        tokio::spawn(connection.serve(stream, tls.as_ref().map(|t| t.acceptor()), permit));
     }
     drop(listener);
     tracing::info!("shutting down: waiting up to {}s for in-flight responses", grace.as_secs());
@@ -148,6 +201,10 @@ pub async fn serve(
         tracing::warn!("grace period over; closing remaining connections");
     }
 }
+
+/// First pause after a failed accept; doubled on each further failure up to the maximum.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// HTTP/1.1 and HTTP/2 (by ALPN or preface) with the timeouts every connection gets.
 fn connection_builder() -> auto::Builder<TokioExecutor> {
@@ -160,11 +217,17 @@ fn connection_builder() -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20))
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        // What h2 itself buffers per stream beyond the frame it was handed.
+        .max_send_buf_size(H2_SEND_BUFFER);
     builder
 }
 
-/// One accepted connection, served until it ends or graceful shutdown closes it.
+/// h2's per-stream send buffer (its default is 400 KiB; blob frames are handed over whole).
+const H2_SEND_BUFFER: usize = 64 * 1024;
+
+/// One accepted connection, served until it ends, graceful shutdown closes it, or its
+/// [`guard::watch`] finds it idle or stalled.
 struct Connection {
     app: Arc<App>,
     builder: auto::Builder<TokioExecutor>,
@@ -172,44 +235,77 @@ struct Connection {
     peer: SocketAddr,
     /// Answer only the operations endpoints (the `metrics.listen` listener).
     ops_only: bool,
+    bounds: Bounds,
 }
 
 impl Connection {
     /// Completes the TLS handshake (when `acceptor` is set, bounded by [`HANDSHAKE_TIMEOUT`])
-    /// and serves the connection's requests.
-    async fn serve(self, stream: TcpStream, acceptor: Option<TlsAcceptor>) {
-        let Connection { app, builder, watcher, peer, ops_only } = self;
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let app = app.clone();
-            async move {
-                if ops_only && !matches!(req.uri().path(), "/metrics" | "/healthz" | "/readyz") {
-                    return Ok::<_, Infallible>(response::text(StatusCode::NOT_FOUND, "operations endpoints only\n"));
+    /// and serves the connection's requests. `_slot` is the admission permit, held until the
+    /// connection ends.
+    async fn serve(self, stream: TcpStream, acceptor: Option<TlsAcceptor>, _slot: OwnedSemaphorePermit) {
+        let Connection { app, builder, watcher, peer, ops_only, bounds } = self;
+        let local = stream.local_addr().ok();
+        let activity = Activity::new();
+        let service = {
+            let (activity, budget) = (activity.clone(), bounds.budget.clone());
+            hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                let (app, activity, budget) = (app.clone(), activity.clone(), budget.clone());
+                async move {
+                    // Counted from the request's arrival: a long upload or a slow upstream is
+                    // a request in flight, not idleness.
+                    let guard = Guarded::new(super::response::empty(), &activity, budget.clone());
+                    if let Some(local) = local {
+                        req.extensions_mut().insert(ListenerAddr(local));
+                    }
+                    let resp = if ops_only && !matches!(req.uri().path(), "/metrics" | "/healthz" | "/readyz") {
+                        response::text(StatusCode::NOT_FOUND, "operations endpoints only\n")
+                    } else {
+                        dispatch::handle(app, req, peer).await
+                    };
+                    drop(guard);
+                    let (parts, body) = resp.into_parts();
+                    let body = Guarded::new(body, &activity, budget).boxed_unsync();
+                    Ok::<_, Infallible>(Response::from_parts(parts, body))
                 }
-                Ok::<_, Infallible>(dispatch::handle(app, req, peer).await)
-            }
-        });
-        let served = match acceptor {
-            None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
-            Some(acceptor) => {
-                let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, %peer, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+            })
+        };
+        let watch = guard::watch(activity, bounds.idle, bounds.stall);
+        let served = async {
+            match acceptor {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                Some(acceptor) => {
+                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return Ok(());
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return Ok(());
+                        }
+                    };
+                    watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                }
             }
         };
-        if let Err(e) = served {
-            tracing::debug!(error = %e, %peer, "connection ended with an error");
+        // Dropping the connection's future closes its socket and frees whatever its streams
+        // held: that is how an idle or stalled connection ends.
+        tokio::select! {
+            served = served => {
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                }
+            }
+            why = watch => tracing::debug!(%peer, ?why, "connection closed by the guard"),
         }
     }
 }
+
+/// The address of the listener a request arrived on (a request extension), for answers that
+/// must name Ferry when the client's `Host` header is unusable.
+#[derive(Clone, Copy, Debug)]
+pub struct ListenerAddr(pub SocketAddr);
 
 /// Resolves on the first SIGINT (Ctrl-C) or SIGTERM (`docker stop`, Kubernetes).
 async fn shutdown_signal() {

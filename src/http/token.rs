@@ -7,6 +7,7 @@
 use http::header::{self, HeaderValue};
 use http::{Request, Response};
 
+use super::listener::ListenerAddr;
 use super::{response, Body};
 use crate::app::App;
 use crate::auth::{requested_scopes, Actions, Auth, Identity, CHALLENGE, TOKEN_PATH, TOKEN_SERVICE, TOKEN_TTL};
@@ -24,17 +25,41 @@ pub(super) fn challenge_for<B>(app: &App, req: &Request<B>) -> HeaderValue {
     let realm = match &app.token_realm {
         Some(r) => r.clone(),
         None => {
+            // The client's Host names Ferry as the client reached it; anything that is not a
+            // plain host[:port] (`evil",service="x`) is never copied into the challenge.
             let host = req
                 .headers()
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .or_else(|| req.uri().authority().map(|a| a.as_str()))
-                .unwrap_or("localhost");
+                .filter(|h| valid_host(h))
+                .map(str::to_owned)
+                .or_else(|| req.extensions().get::<ListenerAddr>().map(|a| a.0.to_string()))
+                .unwrap_or_else(|| "localhost".to_owned());
             format!("{}://{host}{TOKEN_PATH}", app.scheme)
         }
     };
     HeaderValue::from_str(&format!("Bearer realm=\"{realm}\",service=\"{TOKEN_SERVICE}\""))
         .unwrap_or_else(|_| HeaderValue::from_static(CHALLENGE))
+}
+
+/// A `Host` value Ferry may repeat: a DNS name or IPv4 address, or a bracketed IPv6 address,
+/// with an optional port.
+fn valid_host(h: &str) -> bool {
+    let (host, port) = match h.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') || host.ends_with(']') => (host, Some(port)),
+        _ => (h, None),
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        }
+    };
+    host_ok && port_ok
 }
 
 /// The token for `who` granting the scopes the request asks for, as far as the rules allow
@@ -71,4 +96,19 @@ pub(super) fn only_proxied_pulls(router: &Router, query: Option<&str>) -> bool {
     !scopes.is_empty()
         && scopes.len() == asked
         && scopes.iter().all(|g| g.actions == Actions::parse("pull") && !router.is_hosted(&g.name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        for ok in ["ferry.example:5000", "127.0.0.1:5000", "[::1]:5000", "localhost", "[fe80::1]"] {
+            assert!(valid_host(ok), "{ok}");
+        }
+        for bad in ["evil\",service=\"x", "a b", "", "x:", "x:123456", "[::1", "::1", "h/x", "a@b"] {
+            assert!(!valid_host(bad), "{bad}");
+        }
+    }
 }
