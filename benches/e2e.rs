@@ -33,7 +33,7 @@
 //! Every wait is bounded (deadlines, socket timeouts, `curl --max-time`, bounded child waits),
 //! and only processes this bench spawned are ever signalled, through their own `Child` handle.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/e2e/harness/mod.rs"]
 mod common;
 
 use std::collections::HashMap;

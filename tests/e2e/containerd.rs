@@ -2,14 +2,12 @@
 //! pulling through Ferry with the `hosts.toml` files shipped in `deploy/clients/`, for two
 //! registries. containerd sends `?ns=<registry>`; Ferry routes by it.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 
 struct Containerd {
     child: Child,

@@ -2,13 +2,11 @@
 //! (anonymous, as Docker Hub serves public images, and with credentials, as Harbor or GHCR
 //! with a robot account), Basic auth, and clear errors naming the upstream when refused.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 
-use common::token::{TokenServer, TokenServerOpts};
-use common::*;
+use crate::harness::token::{TokenServer, TokenServerOpts};
+use crate::harness::*;
 
 fn config(storage: &Path, upstream: &str, creds: Option<(&str, &str)>) -> String {
     let auth = creds.map_or(String::new(), |(u, p)| format!("        username: \"{u}\"\n        password: \"{p}\"\n"));

@@ -2,14 +2,12 @@
 //! real Distribution registry; misbehaviour a real registry cannot show (500s, hangs, broken
 //! or corrupt streams) comes from a fault proxy in front of one.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::fault::{Fault, FaultProxy, StaticServer};
-use common::*;
+use crate::harness::fault::{Fault, FaultProxy, StaticServer};
+use crate::harness::*;
 use serde_json::Value;
 
 fn assert_image(dir: &Path, image: &Image) {

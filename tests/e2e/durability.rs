@@ -1,14 +1,12 @@
 //! Crash safety and a bounded, fallible disk: SIGKILL in the middle of cold pulls, a
 //! filesystem that fills up, and the `ferry cache` maintenance commands.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::fault::{Fault, FaultProxy};
-use common::*;
+use crate::harness::fault::{Fault, FaultProxy};
+use crate::harness::*;
 
 fn assert_image(dir: &Path, image: &Image) {
     assert_eq!(fs::read(dir.join("manifest.json")).unwrap(), image.manifest_bytes);

@@ -2,15 +2,13 @@
 //! corners, the real `ferry` binary (serve and gc). Every refusal is checked for what a user sees
 //! (status, error code, challenge) and for what it must not leave behind in storage.
 
-mod common;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::harness::*;
 use serde_json::{json, Value};
 
 const ALICE: Creds<'static> = ("alice", "alice-pw");

@@ -1,15 +1,13 @@
 //! The cache end to end: one upstream fetch per blob however many clients, fetches that outlive
 //! their first client, tag freshness and revalidation, stale-if-error, and a bounded disk.
 
-mod common;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 fn config(storage: &Path, upstream: &str, extra: &str) -> String {
     format!(

@@ -1,8 +1,6 @@
 //! Operating Ferry: Prometheus metrics from a real scrape, HTTPS with HTTP/2 and a certificate
 //! reloaded on SIGHUP, graceful SIGTERM, health endpoints and JSON logs.
 
-mod common;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -10,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 fn series(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut sorted = labels.to_vec();

@@ -1,4 +1,4 @@
-//! End-to-end test harness shared by Ferry's integration tests (`mod common;`).
+//! End-to-end test harness shared by every module of the `e2e` test binary (and benches/e2e.rs).
 //!
 //! Plain blocking `std` code plus `sha2`, `hex`, `serde_json` and `tempfile`:
 //!

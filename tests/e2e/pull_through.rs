@@ -2,12 +2,10 @@
 //! Images are pulled through Ferry, compared byte for byte with what was generated, then pulled
 //! again with the upstream stopped, from Ferry's cache alone.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 
-use common::*;
+use crate::harness::*;
 use serde_json::Value;
 
 const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";

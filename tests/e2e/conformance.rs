@@ -2,12 +2,10 @@
 //! discovery, content management — against Ferry's hosted namespace, with raw HTTP so that
 //! every status code and header the spec names is checked as a client receives it.
 
-mod common;
-
 use std::fs;
 use std::process::Command;
 
-use common::*;
+use crate::harness::*;
 use serde_json::{json, Value};
 
 const USER: Creds<'static> = ("conformance", "s3cret");
