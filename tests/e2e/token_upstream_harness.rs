@@ -4,6 +4,7 @@
 
 use std::fs;
 
+use crate::harness::encoding::*;
 use crate::harness::token::*;
 use crate::harness::*;
 
