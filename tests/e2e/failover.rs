@@ -74,32 +74,44 @@ fn dead_and_failing_upstreams_are_skipped_and_then_not_tried_while_open() {
     assert!(tried[2].starts_with(&registry.url()) && tried[2].ends_with("not found"), "{tried:?}");
 }
 
+/// How much longer than a configured upstream timeout a pull that has to wait it out once or
+/// twice may take. Much less than the default of the timeouts under test (30 s for
+/// `first_byte_timeout`, 60 s for `idle_timeout`) and than the faults' own hold
+/// (`fault::HOLD_LIMIT`, 120 s): a pull bounded by `timeout + TIMEOUT_MARGIN` fails if the
+/// configured timeout is ignored.
+const TIMEOUT_MARGIN: Duration = Duration::from_secs(20);
+
 #[test]
 fn an_upstream_that_never_answers_is_left_after_first_byte_timeout() {
     let work = tmp_dir();
     let (registry, image) = seeded(work.path(), &[4096], 103);
     let silent = StaticServer::hang();
-    let cfg = FerryConfig::new(work.path().join("data"))
-        .registry("docker.io", [upstream(silent.url()).opt("first_byte_timeout", "1s"), upstream(registry.url())]);
+    let first_byte_timeout = Duration::from_secs(1);
+    let cfg = FerryConfig::new(work.path().join("data")).registry(
+        "docker.io",
+        [upstream(silent.url()).opt("first_byte_timeout", first_byte_timeout), upstream(registry.url())],
+    );
     let ferry = Ferry::start(&cfg.yaml());
     let out = work.path().join("out");
-    pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
+    // Bounded by the configured timeout: with the default (30 s) the pull would not finish in time.
+    pull_to_dir_within(&format!("{}/app:v1", ferry.host()), &out, first_byte_timeout + TIMEOUT_MARGIN).unwrap();
     assert_image(&out, &image);
     assert!(silent.count("GET", "/manifests/v1") >= 1, "the silent upstream was asked first");
 }
 
-/// A blob stream breaks after 1 MiB on the first upstream; the fetch resumes on the second with
-/// `Range: bytes=1048576-` and the client's response simply continues.
-fn resumes_after(fault: Fault, first_opts: &[(&str, &str)], second: Fault) {
+/// A blob stream breaks after 1 MiB on the first upstream (configured with `first_opts`); the
+/// fetch resumes on the second with `Range: bytes=1048576-` and the client's response simply
+/// continues. The whole pull must finish `within`.
+fn resumes_after(fault: Fault, first_opts: &[(&str, Duration)], within: Duration) {
     let work = tmp_dir();
     let (registry, image) = seeded(work.path(), &[4 << 20], 104);
     let first = FaultProxy::start(&registry.host(), Fault::on_blobs(fault));
-    let second = FaultProxy::start(&registry.host(), second);
+    let second = FaultProxy::start(&registry.host(), Fault::PassThrough);
     let up1 = first_opts.iter().fold(upstream(first.url()), |up, (key, value)| up.opt(key, *value));
     let cfg = FerryConfig::new(work.path().join("data")).registry("docker.io", [up1, upstream(second.url())]);
     let ferry = Ferry::start(&cfg.yaml());
     let out = work.path().join("out");
-    pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
+    pull_to_dir_within(&format!("{}/app:v1", ferry.host()), &out, within).unwrap();
     assert_image(&out, &image);
     let (layer, _) = &image.layers[0];
     assert_eq!(first.count("GET", layer), 1);
@@ -111,12 +123,15 @@ fn resumes_after(fault: Fault, first_opts: &[(&str, &str)], second: Fault) {
 
 #[test]
 fn a_blob_cut_mid_stream_is_resumed_with_range_from_the_next_upstream() {
-    resumes_after(Fault::TruncateAfter(1 << 20), &[], Fault::PassThrough);
+    resumes_after(Fault::TruncateAfter(1 << 20), &[], SKOPEO_TIMEOUT);
 }
 
 #[test]
 fn a_stalled_blob_stream_is_resumed_after_idle_timeout() {
-    resumes_after(Fault::StallAfter(1 << 20), &[("idle_timeout", "1s")], Fault::PassThrough);
+    // The stream stalls for HOLD_LIMIT (120 s); with the default idle_timeout (60 s) the pull
+    // would not finish within the bound.
+    let idle_timeout = Duration::from_secs(1);
+    resumes_after(Fault::StallAfter(1 << 20), &[("idle_timeout", idle_timeout)], idle_timeout + TIMEOUT_MARGIN);
 }
 
 #[test]
