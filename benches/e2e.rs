@@ -30,27 +30,35 @@
 //! `target/release/ferry`), `FERRY_BENCH_ONLY=1a,2,...` (a subset), `FERRY_BENCH_QUICK=1`
 //! (tiny sizes and rounds: a smoke test of the bench itself, not figures to quote).
 //!
+//! The upstream registry, the image generator, the process runner, the Ferry launcher (output
+//! to a file, not captured: the access log is busy here) and the HTTP client (keep-alive,
+//! bodies streamed and counted) are the end-to-end test harness's, included from
+//! `tests/e2e/harness`.
+//!
 //! Every wait is bounded (deadlines, socket timeouts, `curl --max-time`, bounded child waits),
-//! and only processes this bench spawned are ever signalled, through their own `Child` handle.
+//! and only processes this bench spawned are ever signalled, through their own `Child` handle
+//! (or the PID of a child not yet reaped).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+#[path = "../tests/e2e/harness/mod.rs"]
+mod harness;
 
 use std::collections::HashMap;
 use std::env;
 use std::fmt::Write as _;
-use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::fs;
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{build_image, free_port, Image, Registry};
+use harness::{
+    build_image, free_port, run_bounded, AccessLogEntry, Body, Client, Ferry, FerryConfig, Image, Proc, Registry,
+};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -64,8 +72,6 @@ const IO_TIMEOUT: Duration = Duration::from_secs(180);
 /// Start-up limit for each server process.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const POLL: Duration = Duration::from_millis(20);
-/// Client read size: large reads keep the client from being the bottleneck on loopback.
-const CLIENT_BUF: usize = 256 * 1024;
 /// Concurrent blob downloads per client (Docker's default `max-concurrent-downloads` is 3).
 const PULL_PARALLEL: usize = 3;
 /// Shaped link: 50 ms round trip, 100 Mbit/s each way.
@@ -208,72 +214,24 @@ fn times(x: f64) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes
+// Servers under test (processes and HTTP come from the test harness)
 // ---------------------------------------------------------------------------------------------
 
-/// A server process this bench spawned; killed (by its own handle) and reaped when dropped.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
+/// A `kB` field of `/proc/PID/status` (`VmHWM`, `VmRSS`), in KiB.
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))?;
+    line[key.len() + 1..].split_whitespace().next()?.parse().ok()
 }
 
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Proc {
-        let out = File::create(&log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
-        let err = out.try_clone().expect("clone log handle");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e} (scripts/bench.sh installs what the bench needs)"));
-        Proc { name: name.to_string(), child, log }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_text(&self) -> String {
-        fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
-    }
-
-    fn exited(&mut self) -> Option<String> {
-        self.child.try_wait().ok().flatten().map(|s| s.to_string())
-    }
-
-    /// A `kB` field of `/proc/PID/status` (`VmHWM`, `VmRSS`), in KiB.
-    fn status_kib(&self, key: &str) -> Option<u64> {
-        let text = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        let line = text.lines().find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))?;
-        line[key.len() + 1..].split_whitespace().next()?.parse().ok()
-    }
-
-    /// User + system CPU time of the whole process (all threads), in seconds.
-    fn cpu_seconds(&self) -> f64 {
-        let Ok(text) = fs::read_to_string(format!("/proc/{}/stat", self.pid())) else { return f64::NAN };
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
-        (ticks(11) + ticks(12)) / clock_ticks()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if thread::panicking() {
-            let text = self.log_text();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
-            eprintln!("---- {} log (tail) ----", self.name);
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-    }
+/// User + system CPU time of the whole process (all threads), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(text) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = text.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (ticks(11) + ticks(12)) / clock_ticks()
 }
 
 fn clock_ticks() -> f64 {
@@ -288,76 +246,52 @@ fn clock_ticks() -> f64 {
     })
 }
 
-/// Runs a command to completion within `timeout` (killed through its handle after that).
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => {
-            // The waiter thread owns the child and has not reaped it, so the PID is still ours.
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            let _ = rx.recv_timeout(Duration::from_secs(5));
-            Err(format!("{cmd:?} did not finish within {timeout:?}; killed PID {pid}"))
+/// The process behind a [`Server`]: Ferry (started by the harness's launcher) or a peer.
+enum Running {
+    Ferry(Ferry),
+    Peer(Proc),
+}
+
+impl Running {
+    fn name(&self) -> &str {
+        match self {
+            Running::Ferry(_) => "ferry",
+            Running::Peer(p) => p.name(),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            Running::Ferry(f) => f.pid(),
+            Running::Peer(p) => p.pid(),
         }
     }
 }
 
-/// A running server under test: its process, base URL and private directory.
+/// A running server under test: its process, base URL and private directory. The process is
+/// killed (through its own handle) when this is dropped.
 struct Server {
-    proc: Proc,
+    proc: Running,
     url: String,
     dir: TempDir,
 }
 
 fn ferry_bin() -> PathBuf {
-    env::var_os("FERRY_BIN").map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ferry")), PathBuf::from)
+    env::var_os("FERRY_BIN").map_or_else(|| PathBuf::from(harness::ferry_bin()), PathBuf::from)
 }
 
-/// Starts Ferry on an empty cache, mirroring `upstream` as the default registry.
+/// Starts Ferry on an empty cache, mirroring `upstream` as the default registry. Its output
+/// goes to a file: the bench's access log is far too busy to capture line by line.
 fn start_ferry(upstream: &str) -> Server {
-    let dir = common::tmp_dir();
-    let config = format!(
-        "listen: \"127.0.0.1:0\"\nstorage:\n  root: \"{root}\"\nregistries:\n  \"{REGISTRY}\":\n    upstreams:\n      \
-         - url: \"{upstream}\"\ndefault_registry: \"{REGISTRY}\"\n",
-        root = dir.path().join("cache").display(),
-    );
-    let config_path = dir.path().join("ferry.yml");
-    fs::write(&config_path, config).expect("write ferry config");
-    let mut cmd = Command::new(ferry_bin());
-    cmd.arg("serve").arg("--config").arg(&config_path).env("NO_COLOR", "1");
-    let mut proc = Proc::spawn("ferry", &mut cmd, dir.path().join("ferry.log"));
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if let Some(host) = proc.log_text().lines().find_map(listening_host) {
-            return Server { proc, url: format!("http://{host}"), dir };
-        }
-        if let Some(status) = proc.exited() {
-            panic!("ferry exited at start-up ({status}):\n{}", proc.log_text());
-        }
-        assert!(Instant::now() < deadline, "ferry did not say `listening on` within {START_TIMEOUT:?}");
-        thread::sleep(POLL);
-    }
-}
-
-fn listening_host(line: &str) -> Option<String> {
-    let i = line.find("listening on http://")? + "listening on http://".len();
-    let host: String = line[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':')).collect();
-    host.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).filter(|&p| p != 0).map(|_| host)
+    let dir = harness::tmp_dir();
+    let config = FerryConfig::new(dir.path().join("cache")).registry(REGISTRY, [harness::upstream(upstream)]);
+    let ferry = Ferry::launcher().bin(ferry_bin()).log_to_file().start(&config.yaml());
+    Server { url: ferry.url(), proc: Running::Ferry(ferry), dir }
 }
 
 /// Starts Distribution 2.8 in proxy mode (`proxy.remoteurl`) on an empty storage directory.
 fn start_dist_proxy(remote: &str) -> Server {
-    let dir = common::tmp_dir();
+    let dir = harness::tmp_dir();
     let mut last = String::new();
     for _ in 0..3 {
         let port = free_port();
@@ -374,7 +308,7 @@ fn start_dist_proxy(remote: &str) -> Server {
         let proc = Proc::spawn("distribution-proxy", &mut cmd, dir.path().join("registry.log"));
         let url = format!("http://127.0.0.1:{port}");
         match wait_http(proc, &format!("{url}/v2/")) {
-            Ok(proc) => return Server { proc, url, dir },
+            Ok(proc) => return Server { proc: Running::Peer(proc), url, dir },
             Err(e) => last = e,
         }
     }
@@ -383,7 +317,7 @@ fn start_dist_proxy(remote: &str) -> Server {
 
 /// Starts nginx (single process, `sendfile on`) with `root` as its document root.
 fn start_nginx(root: &Path) -> Server {
-    let dir = common::tmp_dir();
+    let dir = harness::tmp_dir();
     let mut last = String::new();
     for _ in 0..3 {
         let port = free_port();
@@ -406,7 +340,7 @@ fn start_nginx(root: &Path) -> Server {
         let proc = Proc::spawn("nginx", &mut cmd, dir.path().join("nginx.out"));
         let url = format!("http://127.0.0.1:{port}");
         match wait_http(proc, &format!("{url}/")) {
-            Ok(proc) => return Server { proc, url, dir },
+            Ok(proc) => return Server { proc: Running::Peer(proc), url, dir },
             Err(e) => last = e,
         }
     }
@@ -418,264 +352,16 @@ fn start_nginx(root: &Path) -> Server {
 fn wait_http(mut proc: Proc, url: &str) -> Result<Proc, String> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if common::http_request_timeout("GET", url, &[], Duration::from_secs(1)).is_ok() {
+        if harness::http_request_timeout("GET", url, &[], Duration::from_secs(1)).is_ok() {
             return Ok(proc);
         }
         if let Some(status) = proc.exited() {
-            return Err(format!("{} exited ({status}): {}", proc.name, proc.log_text()));
+            return Err(format!("{} exited ({status}): {}", proc.name(), proc.log_text()));
         }
         if Instant::now() >= deadline {
-            return Err(format!("{} not answering {url} within {START_TIMEOUT:?}", proc.name));
+            return Err(format!("{} not answering {url} within {START_TIMEOUT:?}", proc.name()));
         }
         thread::sleep(POLL);
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A small HTTP/1.1 client: keep-alive, streamed bodies (counted, optionally kept)
-// ---------------------------------------------------------------------------------------------
-
-enum Body<'a> {
-    Empty,
-    Bytes(&'a [u8]),
-    File(&'a Path),
-}
-
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    /// The first `keep` bytes of the body.
-    body: Vec<u8>,
-    /// Every body byte received.
-    len: u64,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-}
-
-fn split_url(url: &str) -> io::Result<(&str, &str)> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("not an http:// URL: {url}")))?;
-    Ok(rest.find('/').map_or((rest, "/"), |i| (&rest[..i], &rest[i..])))
-}
-
-struct Conn {
-    authority: String,
-    reader: BufReader<TcpStream>,
-    buf: Vec<u8>,
-}
-
-/// Where a failed exchange broke: a kept-alive connection the server closed in between fails
-/// before any response byte, and only then is a retry on a new connection harmless.
-enum Failure {
-    BeforeResponse(io::Error),
-    During(io::Error),
-}
-
-impl Conn {
-    fn open(authority: &str) -> io::Result<Conn> {
-        let addr: SocketAddr =
-            authority.parse().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{authority}: {e}")))?;
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        stream.set_nodelay(true)?;
-        Ok(Conn {
-            authority: authority.to_string(),
-            reader: BufReader::with_capacity(64 * 1024, stream),
-            buf: vec![0; CLIENT_BUF],
-        })
-    }
-
-    /// One request/response; returns the response and whether the connection can be reused.
-    fn exchange(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &Body<'_>,
-        keep: usize,
-    ) -> Result<(Response, bool), Failure> {
-        self.send(method, path, headers, body).map_err(Failure::BeforeResponse)?;
-        let (status, headers, http11) = self.read_head().map_err(Failure::BeforeResponse)?;
-        let mut resp = Response { status, headers, body: Vec::new(), len: 0 };
-        let close = resp.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) || !http11;
-        let no_body = method == "HEAD" || status == 204 || status == 304 || (100..200).contains(&status);
-        let chunked = resp.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-        let length = resp.header("content-length").and_then(|v| v.trim().parse::<u64>().ok());
-        let framed = if no_body {
-            true
-        } else if chunked {
-            self.read_chunked(&mut resp, keep).map_err(Failure::During)?;
-            true
-        } else if let Some(n) = length {
-            self.read_exact_body(n, &mut resp, keep).map_err(Failure::During)?;
-            true
-        } else {
-            self.read_to_eof(&mut resp, keep).map_err(Failure::During)?;
-            false
-        };
-        Ok((resp, framed && !close))
-    }
-
-    fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &Body<'_>) -> io::Result<()> {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: ferry-bench\r\n", self.authority);
-        for (k, v) in headers {
-            let _ = write!(head, "{k}: {v}\r\n");
-        }
-        let mut file = None;
-        match body {
-            Body::Empty if method == "GET" || method == "HEAD" => {}
-            Body::Empty => head.push_str("Content-Length: 0\r\n"),
-            Body::Bytes(b) => {
-                let _ = write!(head, "Content-Length: {}\r\n", b.len());
-            }
-            Body::File(p) => {
-                let f = File::open(p)?;
-                let _ = write!(head, "Content-Length: {}\r\n", f.metadata()?.len());
-                file = Some(f);
-            }
-        }
-        head.push_str("\r\n");
-        let stream = self.reader.get_mut();
-        stream.write_all(head.as_bytes())?;
-        match (body, file) {
-            (Body::Bytes(b), _) => stream.write_all(b)?,
-            // io::copy from a file to a socket uses sendfile/splice on Linux.
-            (Body::File(_), Some(mut f)) => {
-                io::copy(&mut f, stream)?;
-            }
-            _ => {}
-        }
-        stream.flush()
-    }
-
-    fn read_line(&mut self) -> io::Result<String> {
-        let mut line = Vec::new();
-        let n = (&mut self.reader).take(64 * 1024).read_until(b'\n', &mut line)?;
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
-        }
-        Ok(String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_string())
-    }
-
-    /// Status line and headers: `(status, headers, is HTTP/1.1)`.
-    #[allow(clippy::type_complexity)]
-    fn read_head(&mut self) -> io::Result<(u16, Vec<(String, String)>, bool)> {
-        let status_line = self.read_line()?;
-        let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("bad status line {status_line:?}"));
-        let mut parts = status_line.split_whitespace();
-        let version = parts.next().ok_or_else(bad)?;
-        let status = parts.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-        let mut headers = Vec::new();
-        for _ in 0..200 {
-            let line = self.read_line()?;
-            if line.is_empty() {
-                return Ok((status, headers, version == "HTTP/1.1"));
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                headers.push((k.trim().to_string(), v.trim().to_string()));
-            }
-        }
-        Err(io::Error::new(io::ErrorKind::InvalidData, "too many response headers"))
-    }
-
-    fn consume(resp: &mut Response, data: &[u8], keep: usize) {
-        resp.len += data.len() as u64;
-        if resp.body.len() < keep {
-            let take = data.len().min(keep - resp.body.len());
-            resp.body.extend_from_slice(&data[..take]);
-        }
-    }
-
-    fn read_exact_body(&mut self, mut remaining: u64, resp: &mut Response, keep: usize) -> io::Result<()> {
-        while remaining > 0 {
-            let want = remaining.min(self.buf.len() as u64) as usize;
-            let n = self.reader.read(&mut self.buf[..want])?;
-            if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "body shorter than announced"));
-            }
-            Self::consume(resp, &self.buf[..n], keep);
-            remaining -= n as u64;
-        }
-        Ok(())
-    }
-
-    fn read_chunked(&mut self, resp: &mut Response, keep: usize) -> io::Result<()> {
-        loop {
-            let line = self.read_line()?;
-            let size = u64::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {line:?}")))?;
-            if size == 0 {
-                for _ in 0..100 {
-                    if self.read_line()?.is_empty() {
-                        return Ok(());
-                    }
-                }
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "endless trailers"));
-            }
-            self.read_exact_body(size, resp, keep)?;
-            self.read_line()?;
-        }
-    }
-
-    fn read_to_eof(&mut self, resp: &mut Response, keep: usize) -> io::Result<()> {
-        loop {
-            let n = self.reader.read(&mut self.buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            Self::consume(resp, &self.buf[..n], keep);
-        }
-    }
-}
-
-/// One client with (at most) one kept-alive connection, like one download slot of a real client.
-#[derive(Default)]
-struct Client {
-    conn: Option<Conn>,
-}
-
-impl Client {
-    fn request(
-        &mut self,
-        method: &str,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: Body<'_>,
-        keep: usize,
-    ) -> io::Result<Response> {
-        let (authority, path) = split_url(url)?;
-        for _ in 0..2 {
-            let reused = self.conn.as_ref().is_some_and(|c| c.authority == authority);
-            if !reused {
-                self.conn = Some(Conn::open(authority)?);
-            }
-            let Some(conn) = self.conn.as_mut() else { unreachable!("connection was just opened") };
-            match conn.exchange(method, path, headers, &body, keep) {
-                Ok((resp, reusable)) => {
-                    if !reusable {
-                        self.conn = None;
-                    }
-                    return Ok(resp);
-                }
-                // The server closed the idle connection: retry once on a fresh one.
-                Err(Failure::BeforeResponse(_)) if reused => self.conn = None,
-                Err(Failure::BeforeResponse(e) | Failure::During(e)) => {
-                    self.conn = None;
-                    return Err(e);
-                }
-            }
-        }
-        Err(io::Error::other("connection closed twice before a response"))
-    }
-
-    fn get(&mut self, url: &str, headers: &[(&str, &str)], keep: usize) -> io::Result<Response> {
-        self.request("GET", url, headers, Body::Empty, keep)
     }
 }
 
@@ -711,9 +397,9 @@ fn make_image(root: &Path, repo: &'static str, sizes: &[u64], seed: u64) -> Benc
 /// POST + monolithic PUT per blob, then the manifest: what `skopeo copy` does, minus skopeo.
 fn push_image(upstream: &str, img: &BenchImage) -> Result<(), String> {
     for (digest, _) in img.blobs() {
-        let mut c = Client::default();
+        let mut c = Client::new(IO_TIMEOUT);
         let start = c
-            .request("POST", &format!("{upstream}/v2/{}/blobs/uploads/", img.repo), &[], Body::Empty, 64 * 1024)
+            .request("POST", &format!("{upstream}/v2/{}/blobs/uploads/", img.repo), &[], Body::Bytes(b""), 64 * 1024)
             .map_err(|e| format!("start upload: {e}"))?;
         let location = start.header("location").filter(|_| start.status == 202).ok_or(format!(
             "start upload: HTTP {} {}",
@@ -723,7 +409,7 @@ fn push_image(upstream: &str, img: &BenchImage) -> Result<(), String> {
         let location =
             if location.starts_with("http://") { location.to_string() } else { format!("{upstream}{location}") };
         let sep = if location.contains('?') { '&' } else { '?' };
-        let path = common::blob_path(&img.layout, &digest);
+        let path = harness::blob_path(&img.layout, &digest);
         let done = c
             .request(
                 "PUT",
@@ -737,7 +423,7 @@ fn push_image(upstream: &str, img: &BenchImage) -> Result<(), String> {
             return Err(format!("upload {digest}: HTTP {} {}", done.status, String::from_utf8_lossy(&done.body)));
         }
     }
-    let resp = Client::default()
+    let resp = Client::new(IO_TIMEOUT)
         .request(
             "PUT",
             &format!("{upstream}/v2/{}/manifests/{}", img.repo, img.tag),
@@ -755,7 +441,7 @@ fn push_image(upstream: &str, img: &BenchImage) -> Result<(), String> {
 /// Pulls `repo:tag` from `base` like a client: manifest by tag, then config and layers with
 /// [`PULL_PARALLEL`] download slots, each body read to nowhere. Returns the bytes received.
 fn pull_image(base: &str, repo: &str, tag: &str) -> Result<u64, String> {
-    let mut first = Client::default();
+    let mut first = Client::new(IO_TIMEOUT);
     let m = first
         .get(&format!("{base}/v2/{repo}/manifests/{tag}"), &[("Accept", ACCEPT_MANIFEST)], 4 << 20)
         .map_err(|e| format!("manifest {repo}:{tag} from {base}: {e}"))?;
@@ -777,7 +463,7 @@ fn pull_image(base: &str, repo: &str, tag: &str) -> Result<u64, String> {
     let result: Result<(), String> = thread::scope(|s| {
         let workers: Vec<_> = (0..PULL_PARALLEL.min(blobs.len()))
             .map(|_| {
-                let mut client = first.take().unwrap_or_default();
+                let mut client = first.take().unwrap_or_else(|| Client::new(IO_TIMEOUT));
                 let (next, received, blobs) = (&next, &received, &blobs);
                 s.spawn(move || -> Result<(), String> {
                     loop {
@@ -843,7 +529,10 @@ struct Fetches {
 }
 
 fn upstream_gets(upstream: &Registry, img: &BenchImage) -> Vec<Fetches> {
-    let reqs = upstream.requests();
+    gets_in(&upstream.requests(), img)
+}
+
+fn gets_in(reqs: &[AccessLogEntry], img: &BenchImage) -> Vec<Fetches> {
     img.blobs()
         .iter()
         .map(|(d, _)| {
@@ -855,22 +544,41 @@ fn upstream_gets(upstream: &Registry, img: &BenchImage) -> Vec<Fetches> {
         .collect()
 }
 
-/// Upstream fetches per blob since `before`, once the log has stopped growing (a proxy's
-/// background fetch is logged when the upstream finishes or loses it). Bounded wait.
+/// How long the upstream's access log must stay unchanged, once it has what is expected,
+/// before the fetches count as settled.
+const LOG_QUIET: Duration = Duration::from_millis(500);
+/// Upper bound for the upstream's log to settle.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Upstream fetches per blob of `img` since `before`, once they have settled. The proxy that
+/// made them has been stopped by then, so what it left in flight ends soon: the upstream logs
+/// each request when it finishes it or loses its client. Settled means: every blob has at least
+/// one new GET in the log (each proxy started cold, so it fetched each blob at least once), and
+/// the log has not grown for [`LOG_QUIET`] since. Polled, bounded by [`SETTLE_TIMEOUT`].
 fn settled_gets(upstream: &Registry, img: &BenchImage, before: &[Fetches]) -> Vec<Fetches> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut last = upstream_gets(upstream, img);
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    // (log entries, since when the log has had that many)
+    let mut unchanged: Option<(usize, Instant)> = None;
     loop {
-        thread::sleep(Duration::from_millis(300));
-        let now = upstream_gets(upstream, img);
-        if now == last || Instant::now() >= deadline {
-            return now
-                .iter()
-                .zip(before)
-                .map(|(a, b)| Fetches { gets: a.gets - b.gets, bytes: a.bytes - b.bytes })
-                .collect();
+        let reqs = upstream.requests();
+        let now = gets_in(&reqs, img);
+        let since: Vec<Fetches> =
+            now.iter().zip(before).map(|(a, b)| Fetches { gets: a.gets - b.gets, bytes: a.bytes - b.bytes }).collect();
+        let all_fetched = since.iter().all(|f| f.gets > 0);
+        match unchanged {
+            Some((n, t)) if n == reqs.len() => {
+                if all_fetched && t.elapsed() >= LOG_QUIET {
+                    return since;
+                }
+            }
+            _ => unchanged = Some((reqs.len(), Instant::now())),
         }
-        last = now;
+        if Instant::now() >= deadline {
+            assert!(all_fetched, "the upstream log lacks a GET for some blob after {SETTLE_TIMEOUT:?}: {since:?}");
+            progress(format!("upstream log still growing after {SETTLE_TIMEOUT:?}; counting what is there"));
+            return since;
+        }
+        thread::sleep(POLL);
     }
 }
 
@@ -1105,7 +813,7 @@ fn cold_vs_direct(
 /// Waits (bounded) until the Distribution proxy has stored `digest` completely: until then it
 /// serves a blob by fetching it from the remote again, which is not a warm read.
 fn wait_dist_stored(dist: &Server, digest: &str, size: u64) {
-    let hex = common::digest_hex(digest);
+    let hex = harness::digest_hex(digest);
     let data = dist.dir.path().join(format!("storage/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]));
     let deadline = Instant::now() + Duration::from_secs(300);
     while fs::metadata(&data).map_or(0, |m| m.len()) != size {
@@ -1160,11 +868,11 @@ fn warm_servers(upstream: &Registry, big: &BenchImage) -> Warm {
     let (digest, size) = big.image.layers[0].clone();
     wait_dist_stored(&dist, &digest, size);
     // nginx: the same file, at the same URL path a registry client uses.
-    let static_root = common::tmp_dir();
+    let static_root = harness::tmp_dir();
     let dir = static_root.path().join(format!("v2/{}/blobs", big.repo));
     fs::create_dir_all(&dir).expect("create nginx root");
     let file = dir.join(&digest);
-    let src = common::blob_path(&big.layout, &digest);
+    let src = harness::blob_path(&big.layout, &digest);
     if fs::hard_link(&src, &file).is_err() {
         fs::copy(&src, &file).expect("copy blob for nginx");
     }
@@ -1175,8 +883,8 @@ fn warm_servers(upstream: &Registry, big: &BenchImage) -> Warm {
     let nginx = start_nginx(static_root.path());
     // One read each so every copy is in the page cache and every server is past its first hit.
     for s in [&ferry, &dist, &nginx] {
-        let r = Client::default().get(&format!("{}/v2/{}/blobs/{digest}", s.url, big.repo), &[], 0);
-        assert!(r.as_ref().is_ok_and(|r| r.status == 200 && r.len == size), "warm read from {}", s.proc.name);
+        let r = Client::new(IO_TIMEOUT).get(&format!("{}/v2/{}/blobs/{digest}", s.url, big.repo), &[], 0);
+        assert!(r.as_ref().is_ok_and(|r| r.status == 200 && r.len == size), "warm read from {}", s.proc.name());
     }
     Warm { ferry, dist, nginx, _static_root: static_root }
 }
@@ -1192,9 +900,9 @@ fn warm_throughput(warm: &Warm, big: &BenchImage, rounds: usize) -> Vec<Row> {
                 Who::Dist => &warm.dist,
                 _ => &warm.nginx,
             };
-            let cpu0 = s.proc.cpu_seconds();
+            let cpu0 = cpu_seconds(s.proc.pid());
             let speed = curl_speed(&format!("{}/v2/{}/blobs/{digest}", s.url, big.repo), *size);
-            let cpu_per_gib = (s.proc.cpu_seconds() - cpu0) / (*size as f64 / GIB as f64);
+            let cpu_per_gib = (cpu_seconds(s.proc.pid()) - cpu0) / (*size as f64 / GIB as f64);
             progress(format!(
                 "2 round {}/{rounds}: {:<12} {speed:7.0} MB/s, {cpu_per_gib:.2} CPU s/GiB",
                 round + 1,
@@ -1388,7 +1096,7 @@ fn peak_rss(upstream: &Registry, big: &BenchImage, clients: usize) -> Vec<Row> {
         let s = if who == Who::Ferry { start_ferry(&upstream.url()) } else { start_dist_proxy(&upstream.url()) };
         let before = upstream_gets(upstream, big);
         let t = herd(&s.url, big, clients);
-        let kib = s.proc.status_kib("VmHWM").unwrap_or(0);
+        let kib = status_kib(s.proc.pid(), "VmHWM").unwrap_or(0);
         drop(s);
         let per_blob = settled_gets(upstream, big, &before);
         progress(format!(
@@ -1478,7 +1186,7 @@ fn main() {
 
     let upstream = Registry::start();
     progress(format!("upstream docker-registry on {}", upstream.url()));
-    let layouts = common::tmp_dir();
+    let layouts = harness::tmp_dir();
     let root = layouts.path();
     let img_loop = make_image(root, "bench/loop", &[plan.loop_layer], 1);
     let img_shaped = make_image(root, "bench/shaped", &plan.shaped_layers, 2);

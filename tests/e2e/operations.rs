@@ -1,8 +1,6 @@
 //! Operating Ferry: Prometheus metrics from a real scrape, HTTPS with HTTP/2 and a certificate
 //! reloaded on SIGHUP, graceful SIGTERM, health endpoints and JSON logs.
 
-mod common;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -10,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 fn series(page: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut sorted = labels.to_vec();
@@ -26,11 +24,11 @@ fn metrics_show_a_miss_then_a_hit_bytes_by_source_and_upstream_requests() {
     let layout = work.path().join("layout");
     let image = build_image(&layout, "v1", &[100_000, 50_000], 601);
     push_layout(&layout, "v1", &format!("{}/library/m:v1", registry.host()), false).unwrap();
-    let ferry = Ferry::start(&ferry_yaml(
-        &work.path().join("data"),
-        &[("docker.io", vec![upstream(registry.url())])],
-        "cache:\n  tag_ttl: 1h\nmetrics:\n  listen: \"127.0.0.1:0\"\n",
-    ));
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [upstream(registry.url())])
+        .set("cache.tag_ttl", "1h")
+        .set("metrics.listen", "127.0.0.1:0");
+    let ferry = Ferry::start(&cfg.yaml());
     let blob_bytes: u64 = image.layers.iter().map(|(_, s)| s).sum::<u64>() + image.config_bytes.len() as u64;
     let up = registry.url();
 
@@ -108,10 +106,11 @@ fn https_with_http2_and_a_certificate_reloaded_on_sighup() {
     push_layout(&layout, "v1", &format!("{}/library/tls:v1", registry.host()), false).unwrap();
     let tls = work.path().join("tls");
     self_signed(&tls, "ferry-one");
-    let extra =
-        format!("tls:\n  cert: \"{}\"\n  key: \"{}\"\n", tls.join("cert.pem").display(), tls.join("key.pem").display());
-    let mut ferry =
-        Ferry::start(&ferry_yaml(&work.path().join("data"), &[("docker.io", vec![upstream(registry.url())])], &extra));
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [upstream(registry.url())])
+        .set("tls.cert", tls.join("cert.pem"))
+        .set("tls.key", tls.join("key.pem"));
+    let mut ferry = Ferry::start(&cfg.yaml());
     assert!(ferry.log_text().contains(&format!("listening on https://{}", ferry.host())));
     let base = format!("https://{}", ferry.host());
 
@@ -161,11 +160,11 @@ fn sigterm_lets_a_large_download_finish_then_exits_zero() {
     let layout = work.path().join("layout");
     let image = build_image(&layout, "v1", &[64 << 20], 603);
     push_layout(&layout, "v1", &format!("{}/library/big:v1", registry.host()), false).unwrap();
-    let mut ferry = Ferry::start(&ferry_yaml(
-        &work.path().join("data"),
-        &[("docker.io", vec![upstream(registry.url())])],
-        "shutdown_grace: 60s\nlog:\n  format: json\n",
-    ));
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [upstream(registry.url())])
+        .set("shutdown_grace", "60s")
+        .set("log.format", "json");
+    let mut ferry = Ferry::start(&cfg.yaml());
     let (layer, size) = image.layers[0].clone();
     let path = format!("/v2/library/big/blobs/{layer}");
     // Warm the cache so the download below is served from disk.

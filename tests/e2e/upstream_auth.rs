@@ -2,20 +2,20 @@
 //! (anonymous, as Docker Hub serves public images, and with credentials, as Harbor or GHCR
 //! with a robot account), Basic auth, and clear errors naming the upstream when refused.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 
-use common::token::{TokenServer, TokenServerOpts};
-use common::*;
+use crate::harness::token::{TokenServer, TokenServerOpts};
+use crate::harness::{self, *};
 
-fn config(storage: &Path, upstream: &str, creds: Option<(&str, &str)>) -> String {
-    let auth = creds.map_or(String::new(), |(u, p)| format!("        username: \"{u}\"\n        password: \"{p}\"\n"));
-    format!(
-        "listen: \"127.0.0.1:0\"\nstorage:\n  root: \"{}\"\nregistries:\n  docker.io:\n    upstreams:\n      - url: \"{upstream}\"\n{auth}",
-        storage.display()
-    )
+/// Ferry mirroring docker.io from `upstream_url`, with `creds` for it if any.
+fn config(storage: &Path, upstream_url: &str, creds: Option<(&str, &str)>) -> String {
+    let up = upstream(upstream_url);
+    let up = match creds {
+        Some((user, password)) => up.creds(user, password),
+        None => up,
+    };
+    FerryConfig::new(storage).registry("docker.io", [up]).yaml()
 }
 
 fn assert_image(dir: &Path, image: &Image) {
@@ -94,13 +94,11 @@ fn basic_auth_upstream_with_a_password_file() {
     .unwrap();
     let secret = work.path().join("password");
     fs::write(&secret, "filed-secret\n").unwrap();
-    let cfg = format!(
-        "listen: \"127.0.0.1:0\"\nstorage:\n  root: \"{}\"\nregistries:\n  docker.io:\n    upstreams:\n      - url: \"{}\"\n        username: mirror\n        password_file: \"{}\"\n",
-        work.path().join("data").display(),
-        upstream.url(),
-        secret.display()
+    let cfg = FerryConfig::new(work.path().join("data")).registry(
+        "docker.io",
+        [harness::upstream(upstream.url()).opt("username", "mirror").opt("password_file", &secret)],
     );
-    let ferry = Ferry::start(&cfg);
+    let ferry = Ferry::start(&cfg.yaml());
     let out = work.path().join("out");
     pull_to_dir(&format!("{}/basic:v1", ferry.host()), &out).unwrap();
     assert_image(&out, &image);

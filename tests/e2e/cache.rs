@@ -1,21 +1,17 @@
 //! The cache end to end: one upstream fetch per blob however many clients, fetches that outlive
 //! their first client, tag freshness and revalidation, stale-if-error, and a bounded disk.
 
-mod common;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
-fn config(storage: &Path, upstream: &str, extra: &str) -> String {
-    format!(
-        "listen: \"127.0.0.1:0\"\nstorage:\n  root: \"{}\"\n{extra}registries:\n  docker.io:\n    upstreams:\n      - url: \"{upstream}\"\n",
-        storage.display()
-    )
+/// Ferry storing under `storage`, mirroring docker.io from `upstream`.
+fn config(storage: &Path, upstream_url: &str) -> FerryConfig {
+    FerryConfig::new(storage).registry("docker.io", [upstream(upstream_url)])
 }
 
 fn blob_gets(upstream: &Registry, digest: &str) -> usize {
@@ -44,7 +40,7 @@ fn twenty_concurrent_cold_pulls_cause_one_upstream_get_per_blob() {
     let layout = work.path().join("layout");
     let image = build_image(&layout, "v1", &[16 << 20, 4 << 20, 1024], 21);
     push_layout(&layout, "v1", &format!("{}/library/crowd:v1", upstream.host()), false).unwrap();
-    let ferry = Ferry::start(&config(&work.path().join("data"), &upstream.url(), ""));
+    let ferry = Ferry::start(&config(&work.path().join("data"), &upstream.url()).yaml());
 
     let pulls: Vec<_> = (0..20)
         .map(|i| {
@@ -73,7 +69,7 @@ fn a_client_leaving_early_does_not_cancel_the_fetch() {
     let layout = work.path().join("layout");
     let image = build_image(&layout, "v1", &[200 << 20], 22);
     push_layout(&layout, "v1", &format!("{}/library/big:v1", upstream.host()), false).unwrap();
-    let ferry = Ferry::start(&config(&work.path().join("data"), &upstream.url(), ""));
+    let ferry = Ferry::start(&config(&work.path().join("data"), &upstream.url()).yaml());
     let (layer, size) = image.layers[0].clone();
     let path = format!("/v2/library/big/blobs/{layer}");
 
@@ -112,14 +108,14 @@ fn tags_are_free_within_the_ttl_then_revalidated_with_one_head() {
     let get = |ferry: &Ferry| http_request("GET", &manifest_url(ferry), &[("Accept", OCI_MANIFEST)]).unwrap();
 
     // A long TTL: the second pull by tag costs the upstream nothing.
-    let long = Ferry::start(&config(&work.path().join("long"), &upstream.url(), "cache:\n  tag_ttl: 1h\n"));
+    let long = Ferry::start(&config(&work.path().join("long"), &upstream.url()).set("cache.tag_ttl", "1h").yaml());
     assert_eq!(get(&long).body, first.manifest_bytes);
     let before = (manifest_requests(&upstream, "GET", "v1"), manifest_requests(&upstream, "HEAD", "v1"));
     assert_eq!(get(&long).body, first.manifest_bytes);
     assert_eq!((manifest_requests(&upstream, "GET", "v1"), manifest_requests(&upstream, "HEAD", "v1")), before);
 
     // A one-second TTL: once it has passed, one HEAD revalidates and no body moves.
-    let short = Ferry::start(&config(&work.path().join("short"), &upstream.url(), "cache:\n  tag_ttl: 1s\n"));
+    let short = Ferry::start(&config(&work.path().join("short"), &upstream.url()).set("cache.tag_ttl", "1s").yaml());
     assert_eq!(get(&short).body, first.manifest_bytes);
     let gets = manifest_requests(&upstream, "GET", "v1");
     let heads = manifest_requests(&upstream, "HEAD", "v1");
@@ -145,7 +141,7 @@ fn expired_tags_are_served_stale_when_every_upstream_is_down() {
     let layout = work.path().join("layout");
     let image = build_image(&layout, "v1", &[8192], 41);
     push_layout(&layout, "v1", &format!("{}/library/stale:v1", upstream.host()), false).unwrap();
-    let ferry = Ferry::start(&config(&work.path().join("data"), &upstream.url(), "cache:\n  tag_ttl: 1s\n"));
+    let ferry = Ferry::start(&config(&work.path().join("data"), &upstream.url()).set("cache.tag_ttl", "1s").yaml());
     pull_to_dir(&format!("{}/library/stale:v1", ferry.host()), work.path().join("a")).unwrap();
     upstream.stop();
     std::thread::sleep(Duration::from_millis(2100)); // the tag is now past its TTL
@@ -164,7 +160,7 @@ fn cached_manifests_and_tags_survive_a_restart() {
     let layout = work.path().join("layout");
     let image = build_image(&layout, "v1", &[8192], 51);
     push_layout(&layout, "v1", &format!("{}/library/durable:v1", upstream.host()), false).unwrap();
-    let mut ferry = Ferry::start(&config(&work.path().join("data"), &upstream.url(), ""));
+    let mut ferry = Ferry::start(&config(&work.path().join("data"), &upstream.url()).yaml());
     pull_to_dir(&format!("{}/library/durable:v1", ferry.host()), work.path().join("a")).unwrap();
     upstream.stop();
     ferry.restart();
@@ -184,8 +180,7 @@ fn max_size_evicts_least_recently_used_blobs() {
     push_layout(&layout, "two", &format!("{}/library/evict:two", upstream.host()), false).unwrap();
     let data = work.path().join("data");
     let max = 10u64 << 20;
-    let ferry =
-        Ferry::start(&config(&data, &upstream.url(), "").replace("storage:\n", "storage:\n  max_size: 10MiB\n"));
+    let ferry = Ferry::start(&config(&data, &upstream.url()).set("storage.max_size", "10MiB").yaml());
 
     // Eviction runs just after a blob's verdict, off the client's path: poll (bounded).
     let settles_under_max = || {

@@ -2,12 +2,7 @@
 //! discovery, content management — against Ferry's hosted namespace, with raw HTTP so that
 //! every status code and header the spec names is checked as a client receives it.
 
-mod common;
-
-use std::fs;
-use std::process::Command;
-
-use common::*;
+use crate::harness::*;
 use serde_json::{json, Value};
 
 const USER: Creds<'static> = ("conformance", "s3cret");
@@ -21,17 +16,11 @@ struct Reg {
 impl Reg {
     fn start(delete: bool) -> Reg {
         let work = tmp_dir();
-        let out = Command::new(require_tool("htpasswd")).args(["-Bbn", USER.0, USER.1]).output().unwrap();
-        assert!(out.status.success());
-        let htpasswd = work.path().join("htpasswd");
-        fs::write(&htpasswd, &out.stdout).unwrap();
-        let yaml = format!(
-            "listen: \"127.0.0.1:0\"\nstorage:\n  root: \"{}\"\nregistries:\n  docker.io:\n    upstreams:\n      - url: \"http://127.0.0.1:9\"\n\
-             hosted:\n  namespaces: [internal]\n  htpasswd: \"{}\"\n  delete: {delete}\n",
-            work.path().join("data").display(),
-            htpasswd.display()
-        );
-        Reg { ferry: Ferry::start(&yaml), _work: work }
+        let htpasswd = write_htpasswd(work.path(), &[USER]);
+        let cfg = FerryConfig::new(work.path().join("data"))
+            .registry("docker.io", [upstream("http://127.0.0.1:9")])
+            .hosted(Hosted::new(["internal"]).htpasswd(&htpasswd).delete(delete));
+        Reg { ferry: Ferry::start(&cfg.yaml()), _work: work }
     }
 
     fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {

@@ -1,14 +1,12 @@
 //! Crash safety and a bounded, fallible disk: SIGKILL in the middle of cold pulls, a
 //! filesystem that fills up, and the `ferry cache` maintenance commands.
 
-mod common;
-
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::fault::{Fault, FaultProxy};
-use common::*;
+use crate::harness::fault::{Fault, FaultProxy};
+use crate::harness::*;
 
 fn assert_image(dir: &Path, image: &Image) {
     assert_eq!(fs::read(dir.join("manifest.json")).unwrap(), image.manifest_bytes);
@@ -52,8 +50,8 @@ fn sigkill_during_ten_cold_pulls_leaves_a_clean_cache() {
     // Every layer stalls after 1 MiB, so all ten fetches are surely mid-way when Ferry dies.
     let proxy = FaultProxy::start(&registry.host(), Fault::on_blobs(Fault::StallAfter(1 << 20)));
     let data = work.path().join("data");
-    let cfg = ferry_yaml(&data, &[("docker.io", vec![upstream(proxy.url()).opt("idle_timeout: 5m")])], "");
-    let mut ferry = Ferry::start(&cfg);
+    let cfg = FerryConfig::new(&data).registry("docker.io", [upstream(proxy.url()).opt("idle_timeout", "5m")]);
+    let mut ferry = Ferry::start(&cfg.yaml());
     let pulls: Vec<_> = (0..10)
         .map(|i| {
             let src = format!("{}/library/crash:t{i}", ferry.host());
@@ -125,7 +123,7 @@ fn a_full_disk_never_fails_a_pull_and_caching_resumes_with_space() {
     push_layout(&layout, "later", &format!("{}/library/full:later", registry.host()), false).unwrap();
     let data = work.path().join("data");
     let tiny = TinyFs::mount(data.clone(), 4);
-    let ferry = Ferry::start(&ferry_yaml(&data, &[("docker.io", vec![upstream(registry.url())])], ""));
+    let ferry = Ferry::start(&FerryConfig::new(&data).registry("docker.io", [upstream(registry.url())]).yaml());
 
     // Two clients at once: both must get every byte although the disk fills up mid-blob.
     let pulls: Vec<_> = (0..2)
@@ -162,7 +160,7 @@ fn cache_verify_quarantines_a_corrupted_blob_and_prune_and_stats_work() {
     let image = build_image(&layout, "v1", &[64 * 1024, 32 * 1024], 401);
     push_layout(&layout, "v1", &format!("{}/library/maint:v1", registry.host()), false).unwrap();
     let data = work.path().join("data");
-    let ferry = Ferry::start(&ferry_yaml(&data, &[("docker.io", vec![upstream(registry.url())])], ""));
+    let ferry = Ferry::start(&FerryConfig::new(&data).registry("docker.io", [upstream(registry.url())]).yaml());
     pull_to_dir(&format!("{}/library/maint:v1", ferry.host()), work.path().join("a")).unwrap();
     wait_cached(&data, &image.blob_digests());
 

@@ -1,13 +1,12 @@
-//! Proves the token-auth part of the harness (`tests/common/token.rs`) against the real tools,
+//! Proves the token-auth part of the harness (`harness/token.rs`) against the real tools,
 //! without Ferry: a real `docker-registry` with `auth: token` accepts the test issuer's JWTs,
 //! skopeo pushes and pulls through the Bearer flow, and the issuer counts the token requests.
 
-mod common;
-
 use std::fs;
 
-use common::token::*;
-use common::*;
+use crate::harness::encoding::*;
+use crate::harness::token::*;
+use crate::harness::*;
 
 /// `Authorization` header value for `token`.
 fn bearer(token: &str) -> String {

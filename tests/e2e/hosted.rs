@@ -2,45 +2,24 @@
 //! corners, the real `ferry` binary (serve and gc). Every refusal is checked for what a user sees
 //! (status, error code, challenge) and for what it must not leave behind in storage.
 
-mod common;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::harness::*;
 use serde_json::{json, Value};
 
 const ALICE: Creds<'static> = ("alice", "alice-pw");
 const BOB: Creds<'static> = ("bob", "bob-pw");
 const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-/// An htpasswd file (bcrypt, via the real `htpasswd -B`) for `users`.
-fn write_htpasswd(dir: &Path, users: &[Creds<'_>]) -> PathBuf {
-    require_tool("htpasswd");
-    let mut text = Vec::new();
-    for (user, pass) in users {
-        let out = Command::new("htpasswd").args(["-Bbn", user, pass]).output().expect("run htpasswd");
-        assert!(out.status.success());
-        text.extend_from_slice(String::from_utf8_lossy(&out.stdout).trim().as_bytes());
-        text.push(b'\n');
-    }
-    let path = dir.join("htpasswd");
-    fs::write(&path, text).unwrap();
-    path
-}
-
-/// Ferry with `internal` and `team-a` hosted, docker.io mirrored from `upstream`, plus `extra`
-/// lines inside the `hosted:` section.
-fn config(data: &Path, htpasswd: &Path, upstream: &str, extra: &str) -> String {
-    format!(
-        "listen: \"127.0.0.1:0\"\nstorage:\n  root: \"{}\"\nregistries:\n  docker.io:\n    upstreams:\n      - url: \"{upstream}\"\n\
-         hosted:\n  namespaces: [\"internal\", \"team-a\"]\n  htpasswd: \"{}\"\n  delete: true\n{extra}",
-        data.display(),
-        htpasswd.display()
-    )
+/// Ferry with `internal` and `team-a` hosted (users from `htpasswd`, deletes allowed), docker.io
+/// mirrored from `upstream_url`; `hosted` adds to the `hosted:` section.
+fn config(data: &Path, htpasswd: &Path, upstream_url: &str, hosted: impl FnOnce(Hosted) -> Hosted) -> String {
+    let section = Hosted::new(["internal", "team-a"]).htpasswd(htpasswd).delete(true);
+    FerryConfig::new(data).registry("docker.io", [upstream(upstream_url)]).hosted(hosted(section)).yaml()
 }
 
 struct Setup {
@@ -49,14 +28,14 @@ struct Setup {
 }
 
 impl Setup {
-    fn start(extra: &str) -> Setup {
-        Setup::start_with_upstream("http://127.0.0.1:9", extra)
+    fn start(hosted: impl FnOnce(Hosted) -> Hosted) -> Setup {
+        Setup::start_with_upstream("http://127.0.0.1:9", hosted)
     }
 
-    fn start_with_upstream(upstream: &str, extra: &str) -> Setup {
+    fn start_with_upstream(upstream: &str, hosted: impl FnOnce(Hosted) -> Hosted) -> Setup {
         let work = tmp_dir();
         let htpasswd = write_htpasswd(work.path(), &[ALICE, BOB]);
-        let ferry = Ferry::start(&config(&work.path().join("data"), &htpasswd, upstream, extra));
+        let ferry = Ferry::start(&config(&work.path().join("data"), &htpasswd, upstream, hosted));
         Setup { work, ferry }
     }
 
@@ -168,7 +147,7 @@ fn assert_dir_has_image(dir: &Path, manifest_file: &str, image: &Image, layout: 
 
 #[test]
 fn skopeo_pushes_multi_layer_and_multi_arch_images_and_pulls_them_back_byte_identical() {
-    let s = Setup::start("");
+    let s = Setup::start(|h| h);
     let layout = s.work.path().join("layout");
     let image = build_image(&layout, "v1", &[1024, 3 << 20, 100 * 1024], 21);
     let host = s.ferry.host().to_owned();
@@ -218,10 +197,9 @@ fn credentials_rights_and_proxied_pushes_are_enforced_and_store_nothing() {
     let layout = work.path().join("layout");
     build_image(&layout, "v1", &[2048], 31);
     push_layout(&layout, "v1", &format!("{}/library/pub:v1", upstream.host()), false).unwrap();
-    let s = Setup::start_with_upstream(
-        &upstream.url(),
-        "  rules:\n    - {namespace: team-a, users: [alice], access: push}\n    - {namespace: team-a, users: [bob], access: pull}\n",
-    );
+    let s = Setup::start_with_upstream(&upstream.url(), |h| {
+        h.rule("team-a", &["alice"], "push").rule("team-a", &["bob"], "pull")
+    });
     let host = s.ferry.host().to_owned();
 
     // The ping challenges anonymous clients (so they send credentials) and checks passwords.
@@ -273,7 +251,9 @@ fn proxied_namespaces_can_require_credentials() {
     let layout = work.path().join("layout");
     build_image(&layout, "v1", &[2048], 41);
     push_layout(&layout, "v1", &format!("{}/library/pub:v1", upstream.host()), false).unwrap();
-    let s = Setup::start_with_upstream(&upstream.url(), "  proxied_requires_auth: true\n  anonymous_pull: true\n");
+    let s = Setup::start_with_upstream(&upstream.url(), |h| {
+        h.opt("proxied_requires_auth", true).opt("anonymous_pull", true)
+    });
     let host = s.ferry.host().to_owned();
     assert_challenge(&s.req("GET", "/v2/library/pub/manifests/v1", None, &[], b""));
     assert!(pull_to_dir(&format!("{host}/library/pub:v1"), work.path().join("anon")).is_err());
@@ -287,7 +267,7 @@ fn proxied_namespaces_can_require_credentials() {
 
 #[test]
 fn bad_input_gets_the_spec_error_and_leaves_nothing_behind() {
-    let s = Setup::start("");
+    let s = Setup::start(|h| h);
     let blob = b"some layer bytes".to_vec();
     let digest = sha256_bytes(&blob);
     let wrong = sha256_bytes(b"other bytes");
@@ -379,9 +359,7 @@ fn broken_patch(host: &str, path: &str, creds: Creds<'_>, announced: usize, sent
 
 #[test]
 fn chunked_resumed_mounted_tagged_referred_and_deleted() {
-    let s = Setup::start(
-        "  rules:\n    - {namespace: internal, users: [\"*\"], access: delete}\n    - {namespace: team-a, users: [alice], access: delete}\n",
-    );
+    let s = Setup::start(|h| h.rule("internal", &["*"], "delete").rule("team-a", &["alice"], "delete"));
     let mut rng = SplitMix64::new(5);
     let mut blob = vec![0u8; 300_000];
     rng.fill(&mut blob);
@@ -527,7 +505,7 @@ fn chunked_resumed_mounted_tagged_referred_and_deleted() {
 
 #[test]
 fn gc_after_a_manifest_delete_frees_exactly_the_blobs_only_it_referenced() {
-    let s = Setup::start("");
+    let s = Setup::start(|h| h);
     let host = s.ferry.host().to_owned();
     let layout = s.work.path().join("layout");
     let shared = write_layer(&layout, 4096, 1);
@@ -599,7 +577,7 @@ fn private_content_is_not_readable_through_proxied_paths_but_shared_public_layer
     let private = build_image_with_layers(&layout, "private", &[base.clone(), own.clone()], 34);
     push_layout(&layout, "public", &format!("{}/library/base:1", upstream.host()), false).unwrap();
     let htpasswd = write_htpasswd(work.path(), &[ALICE, BOB]);
-    let ferry = Ferry::start(&config(&work.path().join("data"), &htpasswd, &upstream.url(), ""));
+    let ferry = Ferry::start(&config(&work.path().join("data"), &htpasswd, &upstream.url(), |h| h));
     push_layout_creds(&layout, "private", &format!("{}/internal/secret:1", ferry.host()), false, ALICE).unwrap();
 
     // Anyone can ask a proxied path for any digest; the private layer and manifest stay hidden.
@@ -627,7 +605,7 @@ fn foreign_credentials_do_not_break_proxied_pulls_but_fail_on_hosted_and_login()
     let image = build_image(&layout, "v1", &[2048], 35);
     push_layout(&layout, "v1", &format!("{}/library/pub:v1", upstream.host()), false).unwrap();
     let htpasswd = write_htpasswd(work.path(), &[ALICE, BOB]);
-    let ferry = Ferry::start(&config(&work.path().join("data"), &htpasswd, &upstream.url(), ""));
+    let ferry = Ferry::start(&config(&work.path().join("data"), &htpasswd, &upstream.url(), |h| h));
     let hub_creds = basic_auth("dockerhub-user", "dockerhub-token");
     let get = |path: &str| {
         http_request(
@@ -662,7 +640,7 @@ fn docker_style_bearer_flow_anonymous_pulls_and_token_logins() {
     let image = build_image(&layout, "v1", &[2048], 36);
     push_layout(&layout, "v1", &format!("{}/library/pub:v1", upstream.host()), false).unwrap();
     let htpasswd = write_htpasswd(work.path(), &[ALICE, BOB]);
-    let ferry = Ferry::start(&config(&work.path().join("data"), &htpasswd, &upstream.url(), ""));
+    let ferry = Ferry::start(&config(&work.path().join("data"), &htpasswd, &upstream.url(), |h| h));
     let url = |p: &str| format!("{}{p}", ferry.url());
     let token_of = |resp: HttpResponse| -> String {
         assert_eq!(resp.status, 200, "{}", resp.text());
@@ -721,7 +699,8 @@ fn docker_style_bearer_flow_anonymous_pulls_and_token_logins() {
     assert_eq!(other.status, 401, "{}", other.text());
 
     // hosted.challenge: basic keeps plain Basic challenges.
-    let basic = Ferry::start(&config(&work.path().join("basic"), &htpasswd, &upstream.url(), "  challenge: basic\n"));
+    let basic =
+        Ferry::start(&config(&work.path().join("basic"), &htpasswd, &upstream.url(), |h| h.opt("challenge", "basic")));
     let ping = http_request("GET", &format!("{}/v2/", basic.url()), &[]).unwrap();
     assert_eq!(ping.header("www-authenticate"), Some("Basic realm=\"ferry\""));
 }

@@ -2,14 +2,12 @@
 //! real Distribution registry; misbehaviour a real registry cannot show (500s, hangs, broken
 //! or corrupt streams) comes from a fault proxy in front of one.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::fault::{Fault, FaultProxy, StaticServer};
-use common::*;
+use crate::harness::fault::{Fault, FaultProxy, StaticServer};
+use crate::harness::*;
 use serde_json::Value;
 
 fn assert_image(dir: &Path, image: &Image) {
@@ -37,19 +35,11 @@ fn dead_and_failing_upstreams_are_skipped_and_then_not_tried_while_open() {
     push_layout(&layout2, "v2", &format!("{}/library/app:v2", registry.host()), false).unwrap();
     let dead = format!("http://127.0.0.1:{}", free_port());
     let broken = StaticServer::status(500);
-    let cfg = ferry_yaml(
-        &work.path().join("data"),
-        &[(
-            "docker.io",
-            vec![
-                upstream(&dead).opt("backoff: 60s"),
-                upstream(broken.url()).opt("backoff: 60s"),
-                upstream(registry.url()),
-            ],
-        )],
-        "",
+    let cfg = FerryConfig::new(work.path().join("data")).registry(
+        "docker.io",
+        [upstream(&dead).opt("backoff", "60s"), upstream(broken.url()).opt("backoff", "60s"), upstream(registry.url())],
     );
-    let ferry = Ferry::start(&cfg);
+    let ferry = Ferry::start(&cfg.yaml());
     let out = work.path().join("one");
     pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
     assert_image(&out, &image);
@@ -84,38 +74,44 @@ fn dead_and_failing_upstreams_are_skipped_and_then_not_tried_while_open() {
     assert!(tried[2].starts_with(&registry.url()) && tried[2].ends_with("not found"), "{tried:?}");
 }
 
+/// How much longer than a configured upstream timeout a pull that has to wait it out once or
+/// twice may take. Much less than the default of the timeouts under test (30 s for
+/// `first_byte_timeout`, 60 s for `idle_timeout`) and than the faults' own hold
+/// (`fault::HOLD_LIMIT`, 120 s): a pull bounded by `timeout + TIMEOUT_MARGIN` fails if the
+/// configured timeout is ignored.
+const TIMEOUT_MARGIN: Duration = Duration::from_secs(20);
+
 #[test]
 fn an_upstream_that_never_answers_is_left_after_first_byte_timeout() {
     let work = tmp_dir();
     let (registry, image) = seeded(work.path(), &[4096], 103);
     let silent = StaticServer::hang();
-    let cfg = ferry_yaml(
-        &work.path().join("data"),
-        &[("docker.io", vec![upstream(silent.url()).opt("first_byte_timeout: 1s"), upstream(registry.url())])],
-        "",
+    let first_byte_timeout = Duration::from_secs(1);
+    let cfg = FerryConfig::new(work.path().join("data")).registry(
+        "docker.io",
+        [upstream(silent.url()).opt("first_byte_timeout", first_byte_timeout), upstream(registry.url())],
     );
-    let ferry = Ferry::start(&cfg);
+    let ferry = Ferry::start(&cfg.yaml());
     let out = work.path().join("out");
-    pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
+    // Bounded by the configured timeout: with the default (30 s) the pull would not finish in time.
+    pull_to_dir_within(&format!("{}/app:v1", ferry.host()), &out, first_byte_timeout + TIMEOUT_MARGIN).unwrap();
     assert_image(&out, &image);
     assert!(silent.count("GET", "/manifests/v1") >= 1, "the silent upstream was asked first");
 }
 
-/// A blob stream breaks after 1 MiB on the first upstream; the fetch resumes on the second with
-/// `Range: bytes=1048576-` and the client's response simply continues.
-fn resumes_after(fault: Fault, first_opts: &[&str], second: Fault) {
+/// A blob stream breaks after 1 MiB on the first upstream (configured with `first_opts`); the
+/// fetch resumes on the second with `Range: bytes=1048576-` and the client's response simply
+/// continues. The whole pull must finish `within`.
+fn resumes_after(fault: Fault, first_opts: &[(&str, Duration)], within: Duration) {
     let work = tmp_dir();
     let (registry, image) = seeded(work.path(), &[4 << 20], 104);
     let first = FaultProxy::start(&registry.host(), Fault::on_blobs(fault));
-    let second = FaultProxy::start(&registry.host(), second);
-    let mut up1 = upstream(first.url());
-    for o in first_opts {
-        up1 = up1.opt(o);
-    }
-    let cfg = ferry_yaml(&work.path().join("data"), &[("docker.io", vec![up1, upstream(second.url())])], "");
-    let ferry = Ferry::start(&cfg);
+    let second = FaultProxy::start(&registry.host(), Fault::PassThrough);
+    let up1 = first_opts.iter().fold(upstream(first.url()), |up, (key, value)| up.opt(key, *value));
+    let cfg = FerryConfig::new(work.path().join("data")).registry("docker.io", [up1, upstream(second.url())]);
+    let ferry = Ferry::start(&cfg.yaml());
     let out = work.path().join("out");
-    pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
+    pull_to_dir_within(&format!("{}/app:v1", ferry.host()), &out, within).unwrap();
     assert_image(&out, &image);
     let (layer, _) = &image.layers[0];
     assert_eq!(first.count("GET", layer), 1);
@@ -127,12 +123,15 @@ fn resumes_after(fault: Fault, first_opts: &[&str], second: Fault) {
 
 #[test]
 fn a_blob_cut_mid_stream_is_resumed_with_range_from_the_next_upstream() {
-    resumes_after(Fault::TruncateAfter(1 << 20), &[], Fault::PassThrough);
+    resumes_after(Fault::TruncateAfter(1 << 20), &[], SKOPEO_TIMEOUT);
 }
 
 #[test]
 fn a_stalled_blob_stream_is_resumed_after_idle_timeout() {
-    resumes_after(Fault::StallAfter(1 << 20), &["idle_timeout: 1s"], Fault::PassThrough);
+    // The stream stalls for HOLD_LIMIT (120 s); with the default idle_timeout (60 s) the pull
+    // would not finish within the bound.
+    let idle_timeout = Duration::from_secs(1);
+    resumes_after(Fault::StallAfter(1 << 20), &[("idle_timeout", idle_timeout)], idle_timeout + TIMEOUT_MARGIN);
 }
 
 #[test]
@@ -141,12 +140,9 @@ fn without_range_support_the_next_upstream_restarts_and_skips_what_the_client_ha
     let (registry, image) = seeded(work.path(), &[4 << 20], 105);
     let first = FaultProxy::start(&registry.host(), Fault::on_blobs(Fault::TruncateAfter(1 << 20)));
     let second = FaultProxy::start(&registry.host(), Fault::IgnoreRange);
-    let cfg = ferry_yaml(
-        &work.path().join("data"),
-        &[("docker.io", vec![upstream(first.url()), upstream(second.url())])],
-        "",
-    );
-    let ferry = Ferry::start(&cfg);
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [upstream(first.url()), upstream(second.url())]);
+    let ferry = Ferry::start(&cfg.yaml());
     let (layer, size) = image.layers[0].clone();
     let resp = http_request("GET", &format!("{}/v2/library/app/blobs/{layer}", ferry.url()), &[]).unwrap();
     assert_eq!(resp.status, 200);
@@ -162,7 +158,8 @@ fn the_same_upstream_resumes_when_it_is_the_only_one() {
     let work = tmp_dir();
     let (registry, image) = seeded(work.path(), &[3 << 20], 106);
     let flaky = FaultProxy::start(&registry.host(), Fault::on_blobs(Fault::once(Fault::TruncateAfter(1 << 20))));
-    let ferry = Ferry::start(&ferry_yaml(&work.path().join("data"), &[("docker.io", vec![upstream(flaky.url())])], ""));
+    let ferry =
+        Ferry::start(&FerryConfig::new(work.path().join("data")).registry("docker.io", [upstream(flaky.url())]).yaml());
     let out = work.path().join("out");
     pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
     assert_image(&out, &image);
@@ -178,8 +175,8 @@ fn corrupt_bytes_are_never_cached_or_completed_and_the_next_upstream_serves_them
     let (registry, image) = seeded(work.path(), &[2 << 20], 107);
     let liar = FaultProxy::start(&registry.host(), Fault::on_blobs(Fault::CorruptByte(12345)));
     let data = work.path().join("data");
-    let cfg = ferry_yaml(&data, &[("docker.io", vec![upstream(liar.url()), upstream(registry.url())])], "");
-    let ferry = Ferry::start(&cfg);
+    let cfg = FerryConfig::new(&data).registry("docker.io", [upstream(liar.url()), upstream(registry.url())]);
+    let ferry = Ferry::start(&cfg.yaml());
     let (layer, _) = image.layers[0].clone();
     let url = format!("{}/v2/library/app/blobs/{layer}", ferry.url());
 
@@ -202,12 +199,9 @@ fn a_429_opens_the_circuit_for_retry_after() {
     let work = tmp_dir();
     let (registry, image) = seeded(work.path(), &[1024], 108);
     let throttled = StaticServer::status(429);
-    let cfg = ferry_yaml(
-        &work.path().join("data"),
-        &[("docker.io", vec![upstream(throttled.url()).opt("backoff: 30s"), upstream(registry.url())])],
-        "",
-    );
-    let ferry = Ferry::start(&cfg);
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [upstream(throttled.url()).opt("backoff", "30s"), upstream(registry.url())]);
+    let ferry = Ferry::start(&cfg.yaml());
     let out = work.path().join("out");
     pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
     assert_image(&out, &image);
@@ -221,12 +215,9 @@ fn starts_with_every_upstream_down_serves_its_cache_and_recovers() {
     let layout2 = work.path().join("later");
     let later = build_image(&layout2, "v2", &[4096], 110);
     push_layout(&layout2, "v2", &format!("{}/library/app:v2", registry.host()), false).unwrap();
-    let cfg = ferry_yaml(
-        &work.path().join("data"),
-        &[("docker.io", vec![upstream(registry.url()).opt("backoff: 500ms").opt("max_backoff: 1s")])],
-        "",
-    );
-    let mut ferry = Ferry::start(&cfg);
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [upstream(registry.url()).opt("backoff", "500ms").opt("max_backoff", "1s")]);
+    let mut ferry = Ferry::start(&cfg.yaml());
     pull_to_dir(&format!("{}/app:v1", ferry.host()), work.path().join("warm")).unwrap();
 
     registry.stop();
@@ -270,12 +261,9 @@ fn a_pull_only_mirror_serves_bytes_but_never_decides_what_a_tag_means() {
     push_layout(&layout, "new", &format!("{}/library/app:v1", trusted.host()), false).unwrap();
     push_layout(&layout, "old", &format!("{}/library/app:v1", mirror.host()), false).unwrap();
     push_layout(&layout, "new", &format!("{}/library/app:synced", mirror.host()), false).unwrap();
-    let cfg = ferry_yaml(
-        &work.path().join("data"),
-        &[("docker.io", vec![upstream(mirror.url()).opt("capabilities: [pull]"), upstream(trusted.url())])],
-        "",
-    );
-    let ferry = Ferry::start(&cfg);
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [upstream(mirror.url()).opt("capabilities", ["pull"]), upstream(trusted.url())]);
+    let ferry = Ferry::start(&cfg.yaml());
     let out = work.path().join("out");
     pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
     assert_image(&out, &new);
@@ -298,12 +286,10 @@ fn several_registries_behind_one_ferry_by_ns_and_by_path_prefix() {
     let b = build_image(&layout, "b", &[2048], 114);
     push_layout(&layout, "a", &format!("{}/library/tool:1", hub.host()), false).unwrap();
     push_layout(&layout, "b", &format!("{}/org/tool:1", ghcr.host()), false).unwrap();
-    let cfg = ferry_yaml(
-        &work.path().join("data"),
-        &[("docker.io", vec![upstream(hub.url())]), ("ghcr.io", vec![upstream(ghcr.url())])],
-        "",
-    );
-    let ferry = Ferry::start(&cfg);
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [upstream(hub.url())])
+        .registry("ghcr.io", [upstream(ghcr.url())]);
+    let ferry = Ferry::start(&cfg.yaml());
 
     let via_prefix = work.path().join("prefix");
     pull_to_dir(&format!("{}/ghcr.io/org/tool:1", ferry.host()), &via_prefix).unwrap();
@@ -334,13 +320,10 @@ fn hedging_races_the_next_upstream_and_cancels_the_loser() {
     let (registry, image) = seeded(work.path(), &[4096], 115);
     let slow = StaticServer::hang();
     // Without hedging this upstream would hold each request for ten minutes.
-    let cfg = ferry_yaml(
-        &work.path().join("data"),
-        &[("docker.io", vec![upstream(slow.url()).opt("first_byte_timeout: 10m"), upstream(registry.url())])],
-        "",
-    )
-    .replace("    upstreams:\n", "    hedge_delay: 200ms\n    upstreams:\n");
-    let ferry = Ferry::start(&cfg);
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [upstream(slow.url()).opt("first_byte_timeout", "10m"), upstream(registry.url())])
+        .registry_opt("docker.io", "hedge_delay", "200ms");
+    let ferry = Ferry::start(&cfg.yaml());
     let resp = http_request_timeout(
         "GET",
         &format!("{}/v2/library/app/manifests/v1", ferry.url()),
@@ -448,12 +431,9 @@ fn blob_redirects_to_another_host_are_followed_without_the_authorization_header(
             .collect();
         respond(conn, &format!("{} X", up.status), &keep, &up.body);
     });
-    let cfg = ferry_yaml(
-        &work.path().join("data"),
-        &[("docker.io", vec![upstream(&front_url).opt("username: mirror").opt("password: pw")])],
-        "",
-    );
-    let ferry = Ferry::start(&cfg);
+    let cfg =
+        FerryConfig::new(work.path().join("data")).registry("docker.io", [upstream(&front_url).creds("mirror", "pw")]);
+    let ferry = Ferry::start(&cfg.yaml());
     let out = work.path().join("out");
     pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
     assert_image(&out, &image);

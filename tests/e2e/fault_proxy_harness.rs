@@ -1,8 +1,6 @@
-//! Proves the fault proxy (`tests/common/fault.rs`) against a real `docker-registry`, without
+//! Proves the fault proxy (`harness/fault.rs`) against a real `docker-registry`, without
 //! Ferry: each fault is observed from the client side with the harness's HTTP client (or a raw
 //! socket where the response is deliberately broken), and the proxy's request log is checked.
-
-mod common;
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -12,8 +10,8 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::fault::{Fault, FaultProxy, StaticServer};
-use common::*;
+use crate::harness::fault::{Fault, FaultProxy, StaticServer};
+use crate::harness::*;
 
 const REPO: &str = "fault/proxy";
 /// Content bytes of the big layer (the blob is this plus 1536 tar bytes).

@@ -1,14 +1,12 @@
-//! Proves the end-to-end harness (`tests/common`) against the real tools, without Ferry:
+//! Proves the end-to-end harness (`harness/`) against the real tools, without Ferry:
 //! images generated in-process survive a push to and pull from a real `docker-registry`
 //! via `skopeo` byte for byte, and the registry's access log counts the blob fetches.
-
-mod common;
 
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::harness::*;
 
 /// Asserts that `dir` (a skopeo `dir:` copy) holds every blob of `image`, byte-identical to the
 /// generated layout's copy.

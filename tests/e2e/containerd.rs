@@ -2,86 +2,9 @@
 //! pulling through Ferry with the `hosts.toml` files shipped in `deploy/clients/`, for two
 //! registries. containerd sends `?ns=<registry>`; Ferry routes by it.
 
-mod common;
+use std::process::Output;
 
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
-use common::*;
-
-struct Containerd {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Containerd {
-    fn start() -> Containerd {
-        require_tool("containerd");
-        require_tool("ctr");
-        let dir = tmp_dir();
-        let p = dir.path();
-        let config = format!(
-            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{ttrpc}\"\n",
-            root = p.join("root").display(),
-            state = p.join("state").display(),
-            sock = p.join("c.sock").display(),
-            ttrpc = p.join("c.ttrpc").display(),
-        );
-        fs::write(p.join("config.toml"), config).unwrap();
-        let log = fs::File::create(p.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(p.join("config.toml"))
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        let mut c = Containerd { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.ctr(&["version"]).status.success() {
-            assert!(Instant::now() < deadline, "containerd did not start: {}", c.log());
-            assert!(c.child.try_wait().unwrap().is_none(), "containerd exited: {}", c.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        c
-    }
-
-    fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
-            .arg("--address")
-            .arg(self.dir.path().join("c.sock"))
-            .args(["--namespace", "ferry-e2e"])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `deploy/clients/containerd/certs.d/<registry>/hosts.toml`, pointed at this Ferry.
-fn hosts_dir(into: &Path, ferry_host: &str, registries: &[&str]) -> PathBuf {
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/clients/containerd/certs.d");
-    for r in registries {
-        let text = fs::read_to_string(shipped.join(r).join("hosts.toml")).unwrap();
-        assert!(text.contains("ferry.example.internal:5000"), "{r}/hosts.toml no longer names the placeholder host");
-        fs::create_dir_all(into.join(r)).unwrap();
-        fs::write(into.join(r).join("hosts.toml"), text.replace("ferry.example.internal:5000", ferry_host)).unwrap();
-    }
-    into.to_owned()
-}
+use crate::harness::*;
 
 #[test]
 fn containerd_pulls_two_registries_through_one_ferry_with_the_shipped_hosts_toml() {
@@ -93,11 +16,10 @@ fn containerd_pulls_two_registries_through_one_ferry_with_the_shipped_hosts_toml
     let b = build_image(&layout, "b", &[64 * 1024], 502);
     push_layout(&layout, "a", &format!("{}/library/tool:1", hub.host()), true).unwrap();
     push_layout(&layout, "b", &format!("{}/org/tool:1", ghcr.host()), false).unwrap();
-    let ferry = Ferry::start(&ferry_yaml(
-        &work.path().join("data"),
-        &[("docker.io", vec![upstream(hub.url())]), ("ghcr.io", vec![upstream(ghcr.url())])],
-        "",
-    ));
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [upstream(hub.url())])
+        .registry("ghcr.io", [upstream(ghcr.url())]);
+    let ferry = Ferry::start(&cfg.yaml());
     let hosts = hosts_dir(&work.path().join("certs.d"), ferry.host(), &["docker.io", "ghcr.io"]);
     let containerd = Containerd::start();
     let hosts = hosts.to_string_lossy().into_owned();
@@ -132,17 +54,16 @@ fn containerd_pulls_two_registries_through_one_ferry_with_the_shipped_hosts_toml
 
 #[test]
 fn ctr_pushes_to_a_hosted_namespace_and_another_containerd_pulls_it_back() {
-    require_tool("htpasswd");
     let hub = Registry::start();
     let work = tmp_dir();
     let layout = work.path().join("layout");
     let image = build_image(&layout, "v1", &[1024, 256 * 1024], 503);
     push_layout(&layout, "v1", &format!("{}/library/src:v1", hub.host()), false).unwrap();
-    let pw = Command::new("htpasswd").args(["-Bbn", "alice", "alice-pw"]).output().unwrap();
-    fs::write(work.path().join("htpasswd"), &pw.stdout).unwrap();
-    let cfg = ferry_yaml(&work.path().join("data"), &[("docker.io", vec![upstream(hub.url())])], "")
-        + &format!("hosted:\n  namespaces: [internal]\n  htpasswd: \"{}\"\n", work.path().join("htpasswd").display());
-    let ferry = Ferry::start(&cfg);
+    let htpasswd = write_htpasswd(work.path(), &[("alice", "alice-pw")]);
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [upstream(hub.url())])
+        .hosted(Hosted::new(["internal"]).htpasswd(&htpasswd));
+    let ferry = Ferry::start(&cfg.yaml());
 
     let pusher = Containerd::start();
     let src = format!("{}/library/src:v1", hub.host());

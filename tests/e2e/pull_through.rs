@@ -2,12 +2,10 @@
 //! Images are pulled through Ferry, compared byte for byte with what was generated, then pulled
 //! again with the upstream stopped, from Ferry's cache alone.
 
-mod common;
-
 use std::fs;
 use std::path::Path;
 
-use common::*;
+use crate::harness::{self, *};
 use serde_json::Value;
 
 const DOCKER_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -15,11 +13,7 @@ const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+
 
 /// A Ferry config mirroring docker.io from `upstreams`, in order.
 fn mirror_config(storage: &Path, upstreams: &[String]) -> String {
-    let ups: String = upstreams.iter().map(|u| format!("      - url: \"{u}\"\n")).collect();
-    format!(
-        "listen: \"127.0.0.1:0\"\nstorage:\n  root: \"{}\"\nregistries:\n  docker.io:\n    upstreams:\n{ups}",
-        storage.display()
-    )
+    FerryConfig::new(storage).registry("docker.io", upstreams.iter().map(upstream)).yaml()
 }
 
 /// Asserts that a skopeo `dir:` copy holds `image`'s manifest and blobs, byte for byte.
@@ -245,12 +239,9 @@ fn client_credentials_are_never_forwarded_and_ferry_uses_its_own() {
     assert!(!anon.log_text().contains("s3cret-pass"));
 
     // With credentials in its config, Ferry pulls for an anonymous client (Basic auth).
-    let config = format!(
-        "listen: \"127.0.0.1:0\"\nstorage:\n  root: \"{}\"\nregistries:\n  docker.io:\n    upstreams:\n      - url: \"{}\"\n        username: ferry\n        password: s3cret-pass\n",
-        work.path().join("authed").display(),
-        upstream.url()
-    );
-    let authed = Ferry::start(&config);
+    let config = FerryConfig::new(work.path().join("authed"))
+        .registry("docker.io", [harness::upstream(upstream.url()).creds("ferry", "s3cret-pass")]);
+    let authed = Ferry::start(&config.yaml());
     let out = work.path().join("out");
     pull_to_dir(&format!("{}/library/private:v1", authed.host()), &out).unwrap();
     assert_pulled(&out, &layout, "manifest.json", &image);
