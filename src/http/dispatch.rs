@@ -224,7 +224,7 @@ async fn proxied(
 
 /// `GET`/`HEAD /v2/<name>/manifests/<reference>` of a mirrored registry.
 async fn proxied_manifest(app: &App, req: &Request<()>, route: &Route, reference: &str) -> Handled {
-    let reference = Reference::parse(reference)?;
+    let reference = Reference::parse_to_read(reference)?;
     let accept = accept_list(req.headers());
     let (manifest, source) = app.cache.manifest(route, &reference, &accept).await?;
     let head = req.method() == Method::HEAD;

@@ -190,7 +190,10 @@ fn bad_requests_get_the_spec_error_json() {
         ("GET", "/v2/library/app/blobs/sha256:xyz".into(), 400, "DIGEST_INVALID"),
         ("GET", "/v2/library/app/blobs/md5:abc".into(), 400, "DIGEST_INVALID"),
         ("GET", "/v2/library/app/manifests/sha256:12".into(), 400, "DIGEST_INVALID"),
-        ("GET", "/v2/library/app/manifests/-bad-tag".into(), 400, "MANIFEST_INVALID"),
+        // Distribution and the OCI conformance tests: a reference that cannot be a tag names
+        // no manifest (404), on reads; a PUT of one is invalid (400, tests/e2e/hosted.rs).
+        ("GET", "/v2/library/app/manifests/-bad-tag".into(), 404, "MANIFEST_UNKNOWN"),
+        ("HEAD", "/v2/library/app/manifests/-bad-tag".into(), 404, ""),
         ("GET", "/v2/library/nothing/manifests/v1".into(), 404, "MANIFEST_UNKNOWN"),
         ("GET", format!("/v2/library/nothing/manifests/{digest}"), 404, "MANIFEST_UNKNOWN"),
         ("GET", format!("/v2/library/nothing/blobs/{digest}"), 404, "BLOB_UNKNOWN"),
@@ -205,11 +208,14 @@ fn bad_requests_get_the_spec_error_json() {
         let resp = http_request(method, &format!("{}{path}", ferry.url()), &[]).unwrap();
         assert_eq!(resp.status, status, "{method} {path}: {}", resp.text());
         assert_eq!(resp.header("content-type"), Some("application/json"), "{method} {path}");
-        assert_eq!(error_code(&resp), code, "{method} {path}: {}", resp.text());
+        if method != "HEAD" {
+            assert_eq!(error_code(&resp), code, "{method} {path}: {}", resp.text());
+        }
     }
-    // The unknown registry was never dialled, and the refusal says which registries are mirrored.
+    // The unknown registry was never dialled, and the refusal does not tell an anonymous
+    // client which registries are mirrored.
     let resp = http_request("GET", &format!("{}/v2/evil.example/x/manifests/v1", ferry.url()), &[]).unwrap();
-    assert!(resp.text().contains("docker.io"), "{}", resp.text());
+    assert!(resp.text().contains("evil.example") && !resp.text().contains("docker.io"), "{}", resp.text());
     let v2 = http_request("GET", &format!("{}/v2/", ferry.url()), &[]).unwrap();
     assert_eq!(v2.status, 200);
     assert_eq!(v2.header("docker-distribution-api-version"), Some("registry/2.0"));
