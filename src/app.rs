@@ -106,8 +106,9 @@ impl App {
         let router =
             Router::new(config.registries.keys().cloned(), &config.default_registry).with_hosted(hosted_namespaces);
         let max_size = config.storage.max_size.map(|s| s.as_u64());
+        let (clock, guard_private) = (Arc::new(crate::cache::SystemClock), hosted.is_some());
         let cache =
-            Cache::new(storage.clone(), pools, config.cache.clone(), max_size, hosted.is_some(), metrics.clone());
+            Cache::new(storage.clone(), pools, config.cache.clone(), max_size, guard_private, metrics.clone(), clock);
         Ok(Arc::new(App {
             router,
             cache,

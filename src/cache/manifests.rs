@@ -1,0 +1,294 @@
+//! Manifests: by digest (immutable: memory, then the disk record, then the upstreams) and by
+//! tag (a tag→digest entry trusted for `tag_ttl`, then revalidated with one `HEAD`, and served
+//! stale for up to `serve_stale` when no upstream answers).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Method;
+
+use super::coalesce::Outcome;
+use super::Cache;
+use crate::config::Capability;
+use crate::distribution::{
+    accept_or_all, accepts, Digest, ErrorCode, Manifest, ProtocolError, Reference, Source, DOCKER_MANIFEST_LIST,
+    MAX_MANIFEST_BYTES, OCI_INDEX,
+};
+use crate::registry::Route;
+use crate::storage::layout;
+use crate::storage::records::{decode_manifest, encode_manifest, TagEntry};
+use crate::upstream::{read_bounded, Answer, Reason, UpstreamRequest};
+
+/// A tag entry's key: one per registry, repository, tag and kind of answer.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct TagKey {
+    registry: String,
+    repo: crate::distribution::RepoName,
+    tag: String,
+    /// Clients that accept an index get the index; others may get a platform manifest. The
+    /// two answers must not overwrite each other.
+    index: bool,
+}
+
+impl TagKey {
+    fn object_key(&self) -> String {
+        layout::tag_entry(&self.registry, &self.repo, &self.tag, self.index)
+    }
+}
+
+impl Cache {
+    /// A manifest by tag or digest, from memory, disk or the upstreams.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        route: &Route,
+        reference: &Reference,
+        accept: &[String],
+    ) -> Result<(Arc<Manifest>, Source), ProtocolError> {
+        match reference {
+            Reference::Digest(d) => self.manifest_by_digest(route, d, accept).await,
+            Reference::Tag(t) => self.manifest_by_tag(route, t, accept).await,
+        }
+    }
+
+    async fn local_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        if let Some(m) = self.manifests.get(digest).await {
+            return Some(m);
+        }
+        let record = match self.storage.get_object(&layout::manifest_record(digest)).await {
+            Ok(r) => r?,
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot read manifest record");
+                return None;
+            }
+        };
+        let m = Arc::new(decode_manifest(digest, record)?);
+        self.manifests.insert(digest.clone(), m.clone()).await;
+        Some(m)
+    }
+
+    async fn store_manifest(&self, m: &Arc<Manifest>) {
+        self.manifests.insert(m.digest.clone(), m.clone()).await;
+        let key = layout::manifest_record(&m.digest);
+        if let Err(e) = self.storage.put_object(&key, encode_manifest(m)).await {
+            self.metrics.cache_write_errors.inc();
+            tracing::warn!(digest = %m.digest, error = %e, "manifest served but not persisted");
+        }
+    }
+
+    async fn manifest_by_digest(self: &Arc<Self>, route: &Route, digest: &Digest, accept: &[String]) -> Outcome {
+        if let Some(m) = self.local_manifest(digest).await {
+            if !self.servable(route, digest, "manifests").await? {
+                return Err(ProtocolError::new(ErrorCode::ManifestUnknown, format!("manifest {digest} not found")));
+            }
+            self.count("manifest", "hit");
+            return Ok((m, Source::Cache));
+        }
+        let this = self.clone();
+        let (route, digest_owned, accept) = (route.clone(), digest.clone(), accept.to_vec());
+        let key = format!("{}\n{digest}", route.registry);
+        self.coalesce_manifest(key, async move {
+            let reference = Reference::Digest(digest_owned);
+            let (m, up) = this.fetch_manifest(&route, &reference, &accept, Capability::Pull).await?;
+            this.store_manifest(&m).await;
+            Ok((m, Source::Upstream(up)))
+        })
+        .await
+    }
+
+    /// Runs `work` as the one fetch for `key` (see [`super::coalesce`]), counting the callers
+    /// that joined one already on.
+    async fn coalesce_manifest(
+        &self,
+        key: String,
+        work: impl std::future::Future<Output = Outcome> + Send + 'static,
+    ) -> Outcome {
+        let (outcome, joined) = self.manifest_fetches.run(key, work).await;
+        let (m, source) = outcome?;
+        if joined {
+            self.count("manifest", "coalesced");
+        }
+        Ok((m, source))
+    }
+
+    /// GETs a manifest from the upstreams allowed `cap`, reading at most 4 MiB and, by digest,
+    /// verifying the bytes; a wrong answer moves on to the next upstream.
+    async fn fetch_manifest(
+        &self,
+        route: &Route,
+        reference: &Reference,
+        accept: &[String],
+        cap: Capability,
+    ) -> Result<(Arc<Manifest>, String), ProtocolError> {
+        let pool = self.pool(&route.registry)?;
+        let req = UpstreamRequest::new(Method::GET, &route.repo, format!("manifests/{reference}"), cap)
+            .with_accept(accept_or_all(accept));
+        let mut attempts = pool.attempts(req);
+        let what = format!("manifest {}:{reference}", route.repo);
+        while let Some(answer) = attempts.next().await {
+            let up = answer.upstream.clone();
+            match read_manifest(answer, reference).await {
+                Ok(m) => {
+                    self.count("manifest", "miss");
+                    return Ok((Arc::new(m), up.name().to_owned()));
+                }
+                Err(reason) => {
+                    if reason == Reason::DigestMismatch {
+                        self.metrics.digest_mismatches.inc();
+                    }
+                    tracing::warn!(upstream = up.name(), %reason, %what, "bad manifest answer; trying the next upstream");
+                    attempts.rejected(&up, reason);
+                }
+            }
+        }
+        Err(attempts.into_error(ErrorCode::ManifestUnknown, &what))
+    }
+
+    async fn manifest_by_tag(self: &Arc<Self>, route: &Route, tag: &str, accept: &[String]) -> Outcome {
+        let key = TagKey {
+            registry: route.registry.clone(),
+            repo: route.repo.clone(),
+            tag: tag.to_owned(),
+            index: accepts(accept, OCI_INDEX) || accepts(accept, DOCKER_MANIFEST_LIST),
+        };
+        let entry = self.tag_entry(&key).await;
+        if let Some(e) = &entry {
+            let fresh = self.age(e) < self.config.tag_ttl.as_secs();
+            if fresh && accepts(accept, &e.media_type) {
+                if let Some(m) = self.local_by_str(&e.digest).await {
+                    self.count("manifest", "hit");
+                    return Ok((m, Source::Cache));
+                }
+            }
+        }
+        let this = self.clone();
+        let (route, accept) = (route.clone(), accept.to_vec());
+        let coalesce_key = format!("{}\n{}\n{}\n{}", key.registry, key.repo, key.tag, key.index);
+        self.coalesce_manifest(coalesce_key, async move { this.resolve_tag(&route, key, entry, &accept).await }).await
+    }
+
+    /// Seconds since the tag entry was last confirmed by an upstream (by the cache's clock).
+    fn age(&self, entry: &TagEntry) -> u64 {
+        self.clock.now_secs().saturating_sub(entry.validated_at)
+    }
+
+    async fn local_by_str(&self, digest: &str) -> Option<Arc<Manifest>> {
+        let d = Digest::parse(digest).ok()?;
+        self.local_manifest(&d).await
+    }
+
+    async fn tag_entry(&self, key: &TagKey) -> Option<TagEntry> {
+        if let Some(e) = self.tags.get(key).await {
+            return Some(e);
+        }
+        let raw = self.storage.get_object(&key.object_key()).await.ok()??;
+        let e = TagEntry::decode(&raw)?;
+        self.tags.insert(key.clone(), e.clone()).await;
+        Some(e)
+    }
+
+    async fn save_tag(&self, key: &TagKey, m: &Manifest) {
+        let validated_at = self.clock.now_secs();
+        let e = TagEntry { digest: m.digest.to_string(), media_type: m.media_type.clone(), validated_at };
+        self.tags.insert(key.clone(), e.clone()).await;
+        if let Err(err) = self.storage.put_object(&key.object_key(), e.encode()).await {
+            self.metrics.cache_write_errors.inc();
+            tracing::warn!(error = %err, "tag mapping not persisted");
+        }
+    }
+
+    /// Revalidates a known tag with a HEAD (no body moves when the digest is unchanged), or
+    /// fetches it; with every upstream down, serves the last known answer as stale.
+    async fn resolve_tag(&self, route: &Route, key: TagKey, entry: Option<TagEntry>, accept: &[String]) -> Outcome {
+        let local = match &entry {
+            Some(e) => self.local_by_str(&e.digest).await,
+            None => None,
+        };
+        if let Some(m) = &local {
+            match self.head_tag(route, &key.tag, accept).await {
+                Ok(Some(d)) if d == m.digest => {
+                    self.save_tag(&key, m).await;
+                    self.count("manifest", "hit");
+                    return Ok((m.clone(), Source::Revalidated));
+                }
+                Ok(_) => {}
+                Err(e) if e.code == ErrorCode::Unavailable => return self.serve_stale(&key, entry.as_ref(), m, e),
+                Err(e) => return Err(e),
+            }
+        }
+        let reference = Reference::Tag(key.tag.clone());
+        match self.fetch_manifest(route, &reference, accept, Capability::Resolve).await {
+            Ok((m, up)) => {
+                self.store_manifest(&m).await;
+                self.save_tag(&key, &m).await;
+                Ok((m, Source::Upstream(up)))
+            }
+            Err(e) if e.code == ErrorCode::Unavailable => match &local {
+                Some(m) => self.serve_stale(&key, entry.as_ref(), m, e),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stale-if-error: the last known answer while it is at most `serve_stale` old, or `why`.
+    fn serve_stale(&self, key: &TagKey, entry: Option<&TagEntry>, m: &Arc<Manifest>, why: ProtocolError) -> Outcome {
+        let age = entry.map_or_else(|| self.clock.now_secs(), |e| self.age(e));
+        if age > self.config.serve_stale.as_secs() {
+            return Err(why);
+        }
+        // A gateway that lost its upstreams keeps serving what it knows.
+        tracing::warn!(repo = %key.repo, tag = %key.tag, digest = %m.digest, error = %why.message, "serving stale tag");
+        self.count("manifest", "stale");
+        Ok((m.clone(), Source::Stale))
+    }
+
+    /// The tag's current digest according to the resolve-capable upstreams (`None` if the
+    /// upstream answered without a digest header).
+    async fn head_tag(&self, route: &Route, tag: &str, accept: &[String]) -> Result<Option<Digest>, ProtocolError> {
+        let pool = self.pool(&route.registry)?;
+        let req = UpstreamRequest::new(Method::HEAD, &route.repo, format!("manifests/{tag}"), Capability::Resolve)
+            .with_accept(accept_or_all(accept));
+        let mut attempts = pool.attempts(req);
+        let Some(answer) = attempts.next().await else {
+            return Err(attempts.into_error(ErrorCode::ManifestUnknown, &format!("manifest {}:{tag}", route.repo)));
+        };
+        Ok(answer
+            .response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok()))
+    }
+}
+
+/// Reads a manifest body (bounded) and checks it against the digest it was asked by.
+async fn read_manifest(answer: Answer, reference: &Reference) -> Result<Manifest, Reason> {
+    let resp = answer.response;
+    if resp.content_length().is_some_and(|l| l > MAX_MANIFEST_BYTES as u64) {
+        return Err(Reason::Body(format!("manifest larger than {MAX_MANIFEST_BYTES} bytes")));
+    }
+    let header_type = resp.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let buf = read_bounded(resp, MAX_MANIFEST_BYTES).await?;
+    let bytes = Bytes::from(buf);
+    let digest = Digest::of(&bytes);
+    if let Reference::Digest(want) = reference {
+        if *want != digest {
+            return Err(Reason::DigestMismatch);
+        }
+    }
+    let media_type = header_type
+        .filter(|t| !t.is_empty() && !t.contains('\n'))
+        .or_else(|| sniff_media_type(&bytes))
+        .unwrap_or_else(|| "application/json".to_owned());
+    Ok(Manifest { digest, media_type, bytes })
+}
+
+/// The `mediaType` a manifest names itself, for upstreams that send no `Content-Type`.
+fn sniff_media_type(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Probe>(bytes).ok()?.media_type
+}

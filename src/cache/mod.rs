@@ -1,0 +1,136 @@
+//! The cache: manifests (moka in memory, records on disk), tag→digest mappings with a TTL, and
+//! the blob fetcher that turns any number of concurrent misses into one upstream fetch.
+//!
+//! * `manifests`: manifests by digest and by tag, revalidation, stale-if-error.
+//! * `coalesce`: the manifest single-flight (one upstream fetch per key at a time).
+//! * `blobs`: blob hits, HEAD, and misses joining a fetch.
+//! * `fetch`: the blob fetch task (attempt, copy, verify) and how readers join it.
+//! * `tail`: the reader that follows a fetch in progress.
+//! * [`eviction`](Evictor), [`admin`], [`clock`](Clock).
+//!
+//! A blob fetch is a task of its own, owned by no client. It writes into a staging file while
+//! hashing and publishes how many bytes are written; every client (the first one included)
+//! streams from that file up to the published length. The last byte is held back until the
+//! digest is verified, so a corrupt fetch aborts every response rather than completing it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use http::Method;
+
+use crate::config::{CacheConfig, Capability};
+use crate::distribution::{accept_or_all, internal, Digest, ErrorCode, Manifest, ProtocolError};
+use crate::metrics::Metrics;
+use crate::registry::Route;
+use crate::storage::records::TagEntry;
+use crate::storage::{marks, Storage};
+use crate::upstream::{Pool, UpstreamRequest};
+
+pub mod admin;
+mod blobs;
+mod clock;
+mod coalesce;
+mod eviction;
+mod fetch;
+mod manifests;
+mod tail;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use eviction::Evictor;
+
+use coalesce::ManifestFlights;
+use fetch::BlobFetch;
+use manifests::TagKey;
+
+/// The cache over a set of registries' upstream pools.
+pub struct Cache {
+    storage: Arc<dyn Storage>,
+    pools: HashMap<String, Arc<Pool>>,
+    config: CacheConfig,
+    metrics: Arc<Metrics>,
+    /// Judges tag freshness (`tag_ttl`) and staleness (`serve_stale`).
+    clock: Arc<dyn Clock>,
+    manifests: moka::future::Cache<Digest, Arc<Manifest>>,
+    tags: moka::future::Cache<TagKey, TagEntry>,
+    manifest_fetches: ManifestFlights,
+    blob_fetches: Arc<Mutex<HashMap<Digest, Arc<BlobFetch>>>>,
+    evictor: Arc<Evictor>,
+    /// Hosted namespaces exist: local content may be private and needs a check before the
+    /// proxied side serves it.
+    guard_private: bool,
+}
+
+impl Cache {
+    /// A cache over `storage`, fetching through `pools` (one per configured registry), keeping
+    /// cached blobs under `max_size` bytes, judging tag ages by `clock` ([`SystemClock`] in a
+    /// running Ferry). With `guard_private` (hosted namespaces share the store), content only
+    /// pushed here is not served on proxied paths. Must be called inside a Tokio runtime: the
+    /// inventory of blobs already on disk is loaded in the background.
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        pools: HashMap<String, Arc<Pool>>,
+        config: CacheConfig,
+        max_size: Option<u64>,
+        guard_private: bool,
+        metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Cache> {
+        let evictor = Evictor::new(max_size, storage.clone(), metrics.clone());
+        let scanning = evictor.clone();
+        tokio::spawn(async move { scanning.scan().await });
+        let manifests = moka::future::Cache::builder()
+            .max_capacity(config.memory.as_u64())
+            .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + 256).unwrap_or(u32::MAX))
+            .build();
+        let tags = moka::future::Cache::builder().max_capacity(1_000_000).build();
+        Arc::new(Cache {
+            storage,
+            pools,
+            config,
+            metrics,
+            clock,
+            manifests,
+            tags,
+            manifest_fetches: Default::default(),
+            blob_fetches: Default::default(),
+            evictor,
+            guard_private,
+        })
+    }
+
+    /// Whether local content for `digest` may be served on `route`: anything an upstream gave
+    /// us may; content only pushed here (a private layer) may only once an upstream confirms
+    /// it has the same digest, so knowing a private digest is not enough to read it.
+    async fn servable(&self, route: &Route, digest: &Digest, kind: &str) -> Result<bool, ProtocolError> {
+        if !self.guard_private {
+            return Ok(true);
+        }
+        match marks::is_private(&*self.storage, digest).await {
+            Ok(false) => return Ok(true),
+            Ok(true) => {}
+            Err(e) => return Err(internal("cannot read hosted mark", e)),
+        }
+        let pool = self.pool(&route.registry)?;
+        let req = UpstreamRequest::new(Method::HEAD, &route.repo, format!("{kind}/{digest}"), Capability::Pull)
+            .with_accept(accept_or_all(&[]));
+        match pool.attempts(req).next().await {
+            Some(_) => {
+                if let Err(e) = marks::mark_public(&*self.storage, digest).await {
+                    tracing::warn!(%digest, error = %e, "cannot record that a pushed digest is public");
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn pool(&self, registry: &str) -> Result<Arc<Pool>, ProtocolError> {
+        self.pools.get(registry).cloned().ok_or_else(|| {
+            ProtocolError::new(ErrorCode::NameUnknown, format!("registry {registry:?} is not configured"))
+        })
+    }
+
+    fn count(&self, kind: &str, result: &str) {
+        self.metrics.cache_requests.with_label_values(&[kind, result]).inc();
+    }
+}
