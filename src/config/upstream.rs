@@ -36,6 +36,12 @@ pub enum Capability {
 pub struct UpstreamConfig {
     /// Base URL, `https://` or `http://`, without `/v2`.
     pub url: String,
+    /// How errors, logs and metric labels name this upstream (default: the URL's host[:port]).
+    /// Clients see only this, never the URL.
+    pub name: Option<String>,
+    /// Token endpoints (hosts) this upstream's credentials may be sent to besides its own host
+    /// and parent domain (`registry-1.docker.io` → `auth.docker.io` needs no entry).
+    pub token_realms: Vec<String>,
     /// User for Basic auth or the token endpoint.
     pub username: Option<String>,
     /// Password or access token (never logged; redacted by `check-config`).
@@ -72,6 +78,8 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
             url: String::new(),
+            name: None,
+            token_realms: Vec::new(),
             username: None,
             password: None,
             password_file: None,
@@ -94,7 +102,38 @@ impl UpstreamConfig {
         self.capabilities.contains(&cap)
     }
 
+    /// The name errors, logs and metrics use: `name`, or the URL's host[:port].
+    pub fn display_name(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        match reqwest::Url::parse(&self.url) {
+            Ok(u) => match (u.host_str(), u.port()) {
+                (Some(h), Some(p)) => format!("{h}:{p}"),
+                (Some(h), None) => h.to_owned(),
+                _ => self.url.clone(),
+            },
+            Err(_) => self.url.clone(),
+        }
+    }
+
     pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if let Some(n) = &self.name {
+            let ok = !n.is_empty()
+                && n.len() <= 64
+                && n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'));
+            if !ok {
+                return Err(ConfigError::new(format!("{at}.name"), "1 to 64 of [A-Za-z0-9._:-]"));
+            }
+        }
+        for (i, realm) in self.token_realms.iter().enumerate() {
+            if !valid_registry_host(realm) {
+                return Err(ConfigError::new(
+                    format!("{at}.token_realms[{i}]"),
+                    "a host name, such as auth.example.com",
+                ));
+            }
+        }
         let url = reqwest::Url::parse(&self.url)
             .map_err(|e| ConfigError::new(format!("{at}.url"), format!("{:?} is not a URL: {e}", self.url)))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
@@ -162,8 +201,18 @@ impl RegistryConfig {
         if self.upstreams.is_empty() {
             return Err(ConfigError::new(format!("{at}.upstreams"), "at least one upstream is needed"));
         }
+        let mut names = std::collections::BTreeSet::new();
         for (i, up) in self.upstreams.iter().enumerate() {
             up.validate(&format!("{at}.upstreams[{i}]"))?;
+            if !names.insert(up.display_name()) {
+                return Err(ConfigError::new(
+                    format!("{at}.upstreams[{i}].name"),
+                    format!(
+                        "{:?} names another upstream of this registry too; give each a distinct name",
+                        up.display_name()
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -223,6 +272,20 @@ mod tests {
         let out = serde_json::to_string(&c).unwrap();
         assert!(!out.contains("hunter2"));
         assert!(out.contains("<redacted>"));
+    }
+
+    #[test]
+    fn upstreams_are_named_by_host_unless_named() {
+        let c = Config::from_yaml(
+            "registries:\n  docker.io:\n    upstreams:\n      - url: https://mirror.example:8443/x\n      - {url: 'https://registry-1.docker.io', name: hub}\n",
+        )
+        .unwrap();
+        let ups = &c.registries["docker.io"].upstreams;
+        assert_eq!((ups[0].display_name().as_str(), ups[1].display_name().as_str()), ("mirror.example:8443", "hub"));
+        let e = error_at("registries:\n  docker.io:\n    upstreams:\n      - url: http://a\n      - url: https://a\n");
+        assert_eq!(e.path, "registries.docker.io.upstreams[1].name");
+        let e = error_at("registries:\n  docker.io:\n    upstreams:\n      - {url: 'http://a', name: 'a b'}\n");
+        assert_eq!(e.path, "registries.docker.io.upstreams[0].name");
     }
 
     #[test]

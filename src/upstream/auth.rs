@@ -31,12 +31,19 @@ pub(super) struct Auth {
     tokens: Mutex<HashMap<String, Token>>,
     /// The upstream challenged with Basic: send credentials up front from now on.
     basic: AtomicBool,
+    /// A foreign token realm was reported once (it repeats on every token fetch).
+    warned_foreign: AtomicBool,
 }
 
 impl Auth {
     /// Nothing learnt yet; `credentials` are `(user, password)` if configured.
     pub(super) fn new(credentials: Option<(String, String)>) -> Auth {
-        Auth { credentials, tokens: Mutex::new(HashMap::new()), basic: AtomicBool::new(false) }
+        Auth {
+            credentials,
+            tokens: Mutex::new(HashMap::new()),
+            basic: AtomicBool::new(false),
+            warned_foreign: AtomicBool::new(false),
+        }
     }
 
     /// Whether credentials are configured (the wording of a refusal depends on it).
@@ -88,7 +95,21 @@ impl Auth {
             return Err(Reason::Auth(format!("unsupported auth scheme {scheme:?}")));
         }
         let url = token_url(&params, scope)?;
-        let req = self.with_basic(client.get(url));
+        let upstream = reqwest::Url::parse(&cfg.url).map_err(|_| Reason::Auth("upstream URL".into()))?;
+        let req = match realm_policy(&upstream, &url, &cfg.token_realms)? {
+            Realm::Own => self.with_basic(client.get(url)),
+            Realm::Foreign => {
+                if self.credentials.is_some() && !self.warned_foreign.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        upstream = %cfg.display_name(),
+                        realm = url.host_str().unwrap_or(""),
+                        "token endpoint is not on the upstream's domain: asking it anonymously, \
+                         credentials withheld (list it in token_realms if it is the upstream's)"
+                    );
+                }
+                client.get(url)
+            }
+        };
         let resp = tokio::time::timeout(cfg.first_byte_timeout, req.send())
             .await
             .map_err(|_| Reason::Timeout("the token endpoint"))?
@@ -148,6 +169,59 @@ fn token_url(params: &HashMap<String, String>, scope: &str) -> Result<reqwest::U
     Ok(url)
 }
 
+/// Whose a token endpoint is.
+#[derive(Debug, PartialEq, Eq)]
+enum Realm {
+    /// The upstream's own: its host, its parent domain, or listed in `token_realms`.
+    Own,
+    /// Someone else's: asked without Ferry's credentials.
+    Foreign,
+}
+
+/// What a challenge may make Ferry dial. An upstream (or anyone between Ferry and it) names
+/// the token endpoint, so: credentials go only to the upstream's own host, its parent domain
+/// (`registry-1.docker.io` → `auth.docker.io`, `registry.cn-hangzhou.aliyuncs.com` →
+/// `dockerauth.cn-hangzhou.aliyuncs.com`) or a host in `token_realms`; an https upstream never
+/// sends Ferry to plain http; and a realm on a loopback, link-local or unspecified address is
+/// dialled only when the upstream itself is on one (no pivot into the gateway's own network).
+fn realm_policy(upstream: &reqwest::Url, realm: &reqwest::Url, allowed: &[String]) -> Result<Realm, Reason> {
+    let refuse = |why: &str| Err(Reason::Auth(format!("token endpoint refused: {why}")));
+    match (upstream.scheme(), realm.scheme()) {
+        ("https", "https") | ("http", "http" | "https") => {}
+        ("https", "http") => return refuse("an https upstream named a plain http token endpoint"),
+        _ => return refuse("not an http(s) URL"),
+    }
+    let (Some(up), Some(host)) = (upstream.host(), realm.host()) else { return refuse("no host") };
+    if internal(&host) && !internal(&up) {
+        return refuse("it is on a loopback or link-local address and the upstream is not");
+    }
+    let (up, host) = (host_text(&up), host_text(&host));
+    if up == host || allowed.iter().any(|a| a.eq_ignore_ascii_case(&host)) {
+        return Ok(Realm::Own);
+    }
+    // The parent domain: the upstream's host without its first label, if that still has a dot
+    // (never a bare public suffix such as `com`) and the upstream is a name, not an address.
+    let is_name = matches!(upstream.host(), Some(url::Host::Domain(_)));
+    let parent = up.split_once('.').map(|(_, p)| p).filter(|p| is_name && p.contains('.'));
+    match parent {
+        Some(p) if host == p || host.ends_with(&format!(".{p}")) => Ok(Realm::Own),
+        _ => Ok(Realm::Foreign),
+    }
+}
+
+fn host_text(h: &url::Host<&str>) -> String {
+    h.to_string().to_ascii_lowercase()
+}
+
+/// Loopback, link-local or unspecified: the gateway's own surroundings.
+fn internal(h: &url::Host<&str>) -> bool {
+    match h {
+        url::Host::Domain(d) => d.eq_ignore_ascii_case("localhost") || d.to_ascii_lowercase().ends_with(".localhost"),
+        url::Host::Ipv4(ip) => ip.is_loopback() || ip.is_link_local() || ip.is_unspecified(),
+        url::Host::Ipv6(ip) => ip.is_loopback() || ip.is_unspecified() || (ip.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
 /// Parses `Bearer realm="..",service="..",scope=".."` into the scheme and its parameters.
 fn parse_challenge(h: &str) -> (String, HashMap<String, String>) {
     let h = h.trim();
@@ -191,5 +265,27 @@ mod tests {
         let (s, p) = parse_challenge(r#"Basic realm="basic-realm""#);
         assert_eq!(s, "Basic");
         assert_eq!(p["realm"], "basic-realm");
+    }
+
+    #[test]
+    fn realms() {
+        let u = |s: &str| reqwest::Url::parse(s).unwrap();
+        let policy = |up: &str, realm: &str| realm_policy(&u(up), &u(realm), &["auth.corp.example".into()]);
+        assert_eq!(policy("https://registry-1.docker.io", "https://auth.docker.io/token"), Ok(Realm::Own));
+        assert_eq!(
+            policy("https://registry.cn-hangzhou.aliyuncs.com", "https://dockerauth.cn-hangzhou.aliyuncs.com/auth"),
+            Ok(Realm::Own)
+        );
+        assert_eq!(policy("https://ghcr.io", "https://ghcr.io/token"), Ok(Realm::Own));
+        assert_eq!(policy("https://mirror.example", "https://auth.corp.example/t"), Ok(Realm::Own));
+        assert_eq!(policy("http://127.0.0.1:5000", "http://127.0.0.1:6000/token"), Ok(Realm::Own));
+        assert_eq!(policy("https://registry-1.docker.io", "https://evil.example/token"), Ok(Realm::Foreign));
+        assert_eq!(policy("https://a.com", "https://b.com/token"), Ok(Realm::Foreign), "com is no parent");
+        assert!(policy("https://registry-1.docker.io", "http://auth.docker.io/token").is_err(), "no downgrade");
+        assert!(policy("https://registry-1.docker.io", "http://127.0.0.1:8080/token").is_err());
+        assert!(policy("https://registry-1.docker.io", "https://169.254.169.254/latest").is_err());
+        assert!(policy("https://registry-1.docker.io", "https://[::1]/t").is_err());
+        assert!(policy("https://registry-1.docker.io", "https://localhost/t").is_err());
+        assert!(policy("https://registry-1.docker.io", "file:///etc/passwd").is_err());
     }
 }

@@ -70,7 +70,9 @@ impl Upstream {
             .read_timeout(cfg.idle_timeout)
             .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
             // Proxies from the environment would silently reroute a gateway's traffic.
-            .no_proxy();
+            .no_proxy()
+            // A redirect must not tell the next host which upstream (and path) sent it there.
+            .referer(false);
         if let Some(ca) = &cfg.ca_file {
             let ca_err = |err: String| BuildError::CaFile { at: at.to_owned(), err };
             let pem = std::fs::read(ca).map_err(|e| ca_err(format!("{}: {e}", ca.display())))?;
@@ -87,9 +89,10 @@ impl Upstream {
         }
         let client = builder.build().map_err(|err| BuildError::Client { at: at.to_owned(), err })?;
         let base = cfg.url.trim_end_matches('/').to_owned();
+        let name = cfg.display_name();
         Ok(Upstream {
-            health: Breaker::new(&base, cfg, metrics.clone()),
-            name: base.clone(),
+            health: Breaker::new(&name, cfg, metrics.clone()),
+            name,
             base,
             cfg: cfg.clone(),
             client,
@@ -98,8 +101,8 @@ impl Upstream {
         })
     }
 
-    /// The upstream's name in logs, errors and metric labels: its URL (credentials are never
-    /// part of it; config validation rejects URLs with user info).
+    /// The upstream's name in logs, errors and metric labels: its configured `name`, or its
+    /// host[:port] — never its URL, so answers to clients do not reveal where Ferry fetches.
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -30,7 +30,8 @@ fn metrics_show_a_miss_then_a_hit_bytes_by_source_and_upstream_requests() {
         .set("metrics.listen", "127.0.0.1:0");
     let ferry = Ferry::start(&cfg.yaml());
     let blob_bytes: u64 = image.layers.iter().map(|(_, s)| s).sum::<u64>() + image.config_bytes.len() as u64;
-    let up = registry.url();
+    // Upstreams are labelled by name (default: host:port), never by URL.
+    let up = registry.host();
 
     pull_to_dir(&format!("{}/library/m:v1", ferry.host()), work.path().join("a")).unwrap();
     let page = scrape(&ferry);

@@ -73,7 +73,7 @@ fn bearer_tokens_with_configured_credentials_and_a_clear_error_when_refused() {
             .unwrap();
     assert_eq!(resp.status, 503, "{}", resp.text());
     let body = resp.text();
-    assert!(body.contains(&upstream.url()), "names the upstream: {body}");
+    assert!(body.contains(&upstream.host()) && !body.contains(&upstream.url()), "names the upstream: {body}");
     assert!(body.contains("token endpoint answered HTTP 401"), "says why: {body}");
     assert!(!body.contains("wrong-pass") && !wrong.log_text().contains("wrong-pass"), "no secret leaks");
 }
@@ -103,4 +103,87 @@ fn basic_auth_upstream_with_a_password_file() {
     pull_to_dir(&format!("{}/basic:v1", ferry.host()), &out).unwrap();
     assert_image(&out, &image);
     assert!(!ferry.log_text().contains("filed-secret"));
+}
+
+/// A server on `addr` that answers every request with `status`, `headers` and `body`, and
+/// records each request's head (request line and headers, lower-cased names).
+fn recording_server(
+    addr: &str,
+    status: &'static str,
+    headers: Vec<String>,
+    body: &'static str,
+) -> (String, RequestLog) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    let local = listener.local_addr().unwrap().to_string();
+    let log: RequestLog = Default::default();
+    let seen = log.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(64) {
+            let Ok(mut conn) = conn else { return };
+            conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut head = Vec::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push(line.trim_end().to_owned());
+            }
+            seen.lock().unwrap().push(head);
+            let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (local, log)
+}
+
+type RequestLog = std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>;
+
+fn authorization_sent(log: &RequestLog) -> Vec<Option<String>> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .map(|head| head.iter().find_map(|h| h.to_ascii_lowercase().strip_prefix("authorization:").map(|_| h.clone())))
+        .collect()
+}
+
+#[test]
+fn credentials_go_only_to_token_endpoints_of_the_upstream() {
+    // The token endpoint a hostile upstream names: another host (127.0.0.2 is loopback too,
+    // so Ferry may dial it, as it may the upstream itself).
+    let (realm, realm_log) = recording_server("127.0.0.2:0", "200 OK", vec![], r#"{"token":"t"}"#);
+    let challenge = format!("WWW-Authenticate: Bearer realm=\"http://{realm}/token\",service=\"x\"");
+    let (up, _) = recording_server("127.0.0.1:0", "401 Unauthorized", vec![challenge], "{}");
+    let work = tmp_dir();
+    let pull = |ferry: &Ferry| {
+        let url = format!("{}/v2/library/app/manifests/v1", ferry.url());
+        http_request("GET", &url, &[("Accept", OCI_MANIFEST)]).unwrap()
+    };
+    let withheld = Ferry::start(&config(&work.path().join("a"), &format!("http://{up}"), Some(("robot", "s3cret"))));
+    assert_eq!(pull(&withheld).status, 503);
+    let sent = authorization_sent(&realm_log);
+    assert!(!sent.is_empty(), "the token endpoint was asked");
+    assert!(sent.iter().all(Option::is_none), "no credentials for a foreign realm: {sent:?}");
+
+    // Listed in token_realms, the same endpoint is the upstream's own: credentials go.
+    realm_log.lock().unwrap().clear();
+    let host = realm.split(':').next().unwrap().to_owned();
+    let cfg = FerryConfig::new(work.path().join("b"))
+        .registry(
+            "docker.io",
+            [upstream(format!("http://{up}"))
+                .creds("robot", "s3cret")
+                .opt("token_realms", Yaml::Seq(vec![host.into()]))],
+        )
+        .yaml();
+    let trusted = Ferry::start(&cfg);
+    pull(&trusted);
+    let sent = authorization_sent(&realm_log);
+    assert!(sent.iter().any(|a| a.as_deref().is_some_and(|a| a.contains("Basic "))), "{sent:?}");
 }
