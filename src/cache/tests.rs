@@ -454,3 +454,31 @@ async fn a_reader_that_joins_at_ninety_percent_still_gets_every_byte() {
     })
     .await
 }
+
+#[tokio::test]
+async fn failovers_count_failed_requests_but_not_rejected_answers() {
+    within(async {
+        let h = Harness::start().await;
+        let failovers = |reason: &str| {
+            let labels = ["docker.io", h.upstream.url.as_str(), reason];
+            h.metrics.upstream_failovers.with_label_values(&labels).get()
+        };
+        // A request that fails (503) is a failover.
+        h.upstream.set_down(true);
+        assert_eq!(h.tag("v1").await, Err(ErrorCode::Unavailable));
+        assert_eq!(failovers("5xx"), 1);
+
+        // An answer whose bytes do not match the digest asked for is rejected: the upstream's
+        // health hears of it (its circuit opens at once), the failover count does not.
+        h.upstream.set_down(false);
+        let digest = Digest::of(b"what was asked for");
+        h.upstream.put_manifest(&digest.to_string(), MANIFEST);
+        let reference = Reference::Digest(digest);
+        let err = h.cache.manifest(&h.route, &reference, &[]).await.unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unavailable);
+        assert!(err.message.contains("circuit open"), "{}", err.message);
+        assert_eq!((failovers("digest_mismatch"), h.metrics.digest_mismatches.get()), (0, 1));
+        assert_eq!(h.upstream.take_requests().len(), 2, "the open circuit was dialled");
+    })
+    .await
+}
