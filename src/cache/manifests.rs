@@ -11,8 +11,8 @@ use super::coalesce::Outcome;
 use super::Cache;
 use crate::config::Capability;
 use crate::distribution::{
-    accept_or_all, accepts, Digest, ErrorCode, Manifest, ProtocolError, Reference, Source, DOCKER_MANIFEST_LIST,
-    MAX_MANIFEST_BYTES, OCI_INDEX,
+    accept_or_all, accepts, Digest, ErrorCode, Manifest, ProtocolError, Reference, RepoName, Source,
+    DOCKER_MANIFEST_LIST, MAX_MANIFEST_BYTES, OCI_INDEX,
 };
 use crate::registry::Route;
 use crate::storage::layout;
@@ -23,7 +23,7 @@ use crate::upstream::{read_bounded, Answer, Reason, UpstreamRequest};
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct TagKey {
     registry: String,
-    repo: crate::distribution::RepoName,
+    repo: RepoName,
     tag: String,
     /// Clients that accept an index get the index; others may get a platform manifest. The
     /// two answers must not overwrite each other.

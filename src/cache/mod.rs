@@ -34,6 +34,8 @@ mod eviction;
 mod fetch;
 mod manifests;
 mod tail;
+#[cfg(test)]
+mod tests;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use eviction::Evictor;
