@@ -33,6 +33,8 @@ pub struct Metrics {
     pub inflight_fetches: IntGauge,
     /// `ferry_digest_mismatches_total`
     pub digest_mismatches: IntCounter,
+    /// `ferry_upstream_invalid_manifests_total{upstream}`
+    pub invalid_manifests: IntCounterVec,
     /// `ferry_cache_write_errors_total`: blobs served uncached because the disk refused them.
     pub cache_write_errors: IntCounter,
     /// `ferry_cache_size_bytes`: bytes of cached blobs on disk.
@@ -147,6 +149,12 @@ impl Metrics {
                 &r,
                 "ferry_upstream_ratelimit_remaining",
                 "The upstream's last reported ratelimit-remaining (Docker Hub).",
+                &["upstream"],
+            )?,
+            invalid_manifests: counter_vec(
+                &r,
+                "ferry_upstream_invalid_manifests_total",
+                "Manifests an upstream answered that were not JSON or contradicted their Content-Type (never cached).",
                 &["upstream"],
             )?,
             inflight_fetches,

@@ -12,7 +12,7 @@ use super::Cache;
 use crate::config::Capability;
 use crate::distribution::{
     accept_or_all, accepts, Digest, ErrorCode, Manifest, ProtocolError, Reference, RepoName, Source,
-    DOCKER_MANIFEST_LIST, MAX_MANIFEST_BYTES, OCI_INDEX,
+    DOCKER_MANIFEST_LIST, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, OCI_INDEX,
 };
 use crate::registry::Route;
 use crate::storage::layout;
@@ -132,8 +132,12 @@ impl Cache {
                     return Ok((Arc::new(m), up.name().to_owned()));
                 }
                 Err(reason) => {
-                    if reason == Reason::DigestMismatch {
-                        self.metrics.digest_mismatches.inc();
+                    match &reason {
+                        Reason::DigestMismatch => self.metrics.digest_mismatches.inc(),
+                        Reason::InvalidManifest(_) => {
+                            self.metrics.invalid_manifests.with_label_values(&[up.name()]).inc()
+                        }
+                        _ => {}
                     }
                     tracing::warn!(upstream = up.name(), %reason, %what, "bad manifest answer; trying the next upstream");
                     attempts.rejected(&up, reason);
@@ -276,19 +280,47 @@ async fn read_manifest(answer: Answer, reference: &Reference) -> Result<Manifest
             return Err(Reason::DigestMismatch);
         }
     }
-    let media_type = header_type
-        .filter(|t| !t.is_empty() && !t.contains('\n'))
-        .or_else(|| sniff_media_type(&bytes))
-        .unwrap_or_else(|| "application/json".to_owned());
+    let media_type = manifest_media_type(header_type, &bytes)?;
     Ok(Manifest { digest, media_type, bytes })
 }
 
-/// The `mediaType` a manifest names itself, for upstreams that send no `Content-Type`.
-fn sniff_media_type(bytes: &[u8]) -> Option<String> {
+/// The media type to serve a manifest with: its `Content-Type`, or the `mediaType` it names.
+/// A body that is not a JSON object, or whose `mediaType` contradicts a manifest
+/// `Content-Type`, is an upstream fault (a captive portal, a broken mirror): never cached.
+fn manifest_media_type(header: Option<String>, bytes: &[u8]) -> Result<String, Reason> {
     #[derive(serde::Deserialize)]
     struct Probe {
         #[serde(rename = "mediaType")]
         media_type: Option<String>,
     }
-    serde_json::from_slice::<Probe>(bytes).ok()?.media_type
+    let probe: Probe =
+        serde_json::from_slice(bytes).map_err(|e| Reason::InvalidManifest(format!("not a JSON object: {e}")))?;
+    let header = header.filter(|t| !t.is_empty() && !t.contains('\n'));
+    let essence = header.as_deref().map(|t| t.split(';').next().unwrap_or("").trim().to_owned());
+    if let (Some(ct), Some(mt)) = (&essence, &probe.media_type) {
+        if MANIFEST_MEDIA_TYPES.contains(&ct.as_str()) && ct != mt {
+            return Err(Reason::InvalidManifest(format!("Content-Type {ct} but mediaType {mt}")));
+        }
+    }
+    Ok(header.or(probe.media_type).unwrap_or_else(|| "application/json".to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_manifest_must_be_json_and_agree_with_its_content_type() {
+        let oci = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+        let ct = |t: &str| Some(t.to_owned());
+        assert_eq!(manifest_media_type(ct(OCI_MANIFEST_TYPE), oci).unwrap(), OCI_MANIFEST_TYPE);
+        assert_eq!(manifest_media_type(None, oci).unwrap(), OCI_MANIFEST_TYPE, "sniffed");
+        assert!(manifest_media_type(ct("application/json; charset=utf-8"), oci).is_ok(), "a generic type is no claim");
+        let contradicts = manifest_media_type(ct("application/vnd.oci.image.index.v1+json"), oci).unwrap_err();
+        assert_eq!(contradicts.label(), "invalid_manifest");
+        assert_eq!(manifest_media_type(ct(OCI_MANIFEST_TYPE), b"<html>").unwrap_err().label(), "invalid_manifest");
+        assert!(manifest_media_type(None, b"[1,2]").is_err(), "an array is no manifest");
+    }
+
+    const OCI_MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 }

@@ -28,6 +28,8 @@ pub enum Reason {
     Body(String),
     /// The bytes did not hash to the digest asked for.
     DigestMismatch,
+    /// A manifest that is not one: not JSON, or a `mediaType` other than its `Content-Type`.
+    InvalidManifest(String),
 }
 
 impl Reason {
@@ -45,6 +47,7 @@ impl Reason {
             Reason::Status(_) => "4xx",
             Reason::Body(_) => "body",
             Reason::DigestMismatch => "digest_mismatch",
+            Reason::InvalidManifest(_) => "invalid_manifest",
         }
     }
 
@@ -68,6 +71,7 @@ impl fmt::Display for Reason {
             Reason::Status(s) => write!(f, "answered HTTP {s}"),
             Reason::Body(e) => write!(f, "body stream broke: {e}"),
             Reason::DigestMismatch => f.write_str("content did not match its digest"),
+            Reason::InvalidManifest(why) => write!(f, "invalid manifest: {why}"),
         }
     }
 }

@@ -446,3 +446,33 @@ fn blob_redirects_to_another_host_are_followed_without_the_authorization_header(
         assert!(!headers.iter().any(|(k, _)| k == "authorization"), "credentials leaked to the CDN: {headers:?}");
     }
 }
+
+#[test]
+fn a_manifest_that_is_not_one_is_an_upstream_fault_never_cached() {
+    let work = tmp_dir();
+    let (registry, image) = seeded(work.path(), &[2048], 121);
+    // A captive portal or broken mirror: 200 and an HTML body.
+    let (bad, bad_log) = recording_server("127.0.0.1:0", "200 OK", vec![], "<html>log in first</html>");
+    let cfg = FerryConfig::new(work.path().join("data"))
+        // Asked what tags mean only: its blobs would fail their digests (tested elsewhere).
+        .registry(
+            "docker.io",
+            [upstream(format!("http://{bad}")).opt("capabilities", ["resolve"]), upstream(registry.url())],
+        );
+    let ferry = Ferry::start(&cfg.yaml());
+    let out = work.path().join("out");
+    pull_to_dir(&format!("{}/app:v1", ferry.host()), &out).unwrap();
+    assert_image(&out, &image);
+    assert!(!bad_log.lock().unwrap().is_empty(), "the broken upstream was asked first");
+    let page = scrape(&ferry);
+    assert_eq!(metric(&page, &format!("ferry_upstream_invalid_manifests_total{{upstream=\"{bad}\"}}")), 1.0, "{page}");
+
+    // Alone, the broken upstream's answer is refused and nothing of it is stored.
+    let alone = FerryConfig::new(work.path().join("alone")).registry("docker.io", [upstream(format!("http://{bad}"))]);
+    let alone = Ferry::start(&alone.yaml());
+    let resp = http_request("GET", &format!("{}/v2/library/app/manifests/v1", alone.url()), &[]).unwrap();
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert!(resp.text().contains("invalid manifest"), "{}", resp.text());
+    let stored = work.path().join("alone/objects/manifests/sha256");
+    assert!(!stored.exists() || fs::read_dir(&stored).unwrap().next().is_none(), "nothing cached");
+}

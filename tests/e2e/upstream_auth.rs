@@ -105,54 +105,6 @@ fn basic_auth_upstream_with_a_password_file() {
     assert!(!ferry.log_text().contains("filed-secret"));
 }
 
-/// A server on `addr` that answers every request with `status`, `headers` and `body`, and
-/// records each request's head (request line and headers, lower-cased names).
-fn recording_server(
-    addr: &str,
-    status: &'static str,
-    headers: Vec<String>,
-    body: &'static str,
-) -> (String, RequestLog) {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind(addr).unwrap();
-    let local = listener.local_addr().unwrap().to_string();
-    let log: RequestLog = Default::default();
-    let seen = log.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().take(64) {
-            let Ok(mut conn) = conn else { return };
-            conn.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok();
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut head = Vec::new();
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                head.push(line.trim_end().to_owned());
-            }
-            seen.lock().unwrap().push(head);
-            let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-            let _ = write!(
-                conn,
-                "HTTP/1.1 {status}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    (local, log)
-}
-
-type RequestLog = std::sync::Arc<std::sync::Mutex<Vec<Vec<String>>>>;
-
-fn authorization_sent(log: &RequestLog) -> Vec<Option<String>> {
-    log.lock()
-        .unwrap()
-        .iter()
-        .map(|head| head.iter().find_map(|h| h.to_ascii_lowercase().strip_prefix("authorization:").map(|_| h.clone())))
-        .collect()
-}
-
 #[test]
 fn credentials_go_only_to_token_endpoints_of_the_upstream() {
     // The token endpoint a hostile upstream names: another host (127.0.0.2 is loopback too,
