@@ -48,6 +48,8 @@ struct UpstreamState {
 /// A registry upstream on 127.0.0.1, served by hyper in this process.
 struct FakeUpstream {
     url: String,
+    /// How Ferry names it (host:port).
+    name: String,
     state: Arc<UpstreamState>,
     feeds: mpsc::UnboundedReceiver<mpsc::UnboundedSender<Bytes>>,
 }
@@ -55,7 +57,8 @@ struct FakeUpstream {
 impl FakeUpstream {
     async fn start() -> FakeUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let name = listener.local_addr().unwrap().to_string();
+        let url = format!("http://{name}");
         let (feed_tx, feeds) = mpsc::unbounded_channel();
         let state = Arc::new(UpstreamState { feeds: Mutex::new(Some(feed_tx)), ..Default::default() });
         let serving = state.clone();
@@ -72,7 +75,7 @@ impl FakeUpstream {
                 });
             }
         });
-        FakeUpstream { url, state, feeds }
+        FakeUpstream { url, name, state, feeds }
     }
 
     fn put_manifest(&self, reference: &str, bytes: &'static [u8]) {
@@ -313,7 +316,7 @@ async fn a_fresh_tag_asks_no_upstream_and_an_expired_one_costs_one_head() {
     within(async {
         let h = Harness::start().await;
         h.upstream.put_manifest("v1", MANIFEST);
-        assert_eq!(h.tag("v1").await, Ok(Source::Upstream(h.upstream.url.clone())));
+        assert_eq!(h.tag("v1").await, Ok(Source::Upstream(h.upstream.name.clone())));
         assert_eq!(h.upstream.take_requests(), vec![(Method::GET, manifest_path("v1"))]);
 
         h.clock.advance(Duration::from_secs(TAG_TTL - 1));
@@ -337,7 +340,7 @@ async fn with_the_upstream_down_a_tag_is_served_stale_until_serve_stale_has_pass
     within(async {
         let h = Harness::start().await;
         h.upstream.put_manifest("v1", MANIFEST);
-        assert_eq!(h.tag("v1").await, Ok(Source::Upstream(h.upstream.url.clone())));
+        assert_eq!(h.tag("v1").await, Ok(Source::Upstream(h.upstream.name.clone())));
         h.upstream.set_down(true);
 
         h.clock.set(T0 + TAG_TTL + 1);
@@ -460,7 +463,7 @@ async fn failovers_count_failed_requests_but_not_rejected_answers() {
     within(async {
         let h = Harness::start().await;
         let failovers = |reason: &str| {
-            let labels = ["docker.io", h.upstream.url.as_str(), reason];
+            let labels = ["docker.io", h.upstream.name.as_str(), reason];
             h.metrics.upstream_failovers.with_label_values(&labels).get()
         };
         // A request that fails (503) is a failover.
