@@ -101,8 +101,9 @@ impl Cache {
     }
 
     /// Whether local content for `digest` may be served on `route`: anything an upstream gave
-    /// us may; content only pushed here (a private layer) may only once an upstream confirms
-    /// it has the same digest, so knowing a private digest is not enough to read it.
+    /// us may; content only pushed here (a private layer) may only once a resolve-capable
+    /// upstream confirms it has the same digest, so knowing a private digest is not enough to
+    /// read it. A `pull`-only mirror is untrusted: its 200 to a HEAD proves nothing.
     async fn servable(&self, route: &Route, digest: &Digest, kind: &str) -> Result<bool, ProtocolError> {
         if !self.guard_private {
             return Ok(true);
@@ -113,7 +114,7 @@ impl Cache {
             Err(e) => return Err(internal("cannot read hosted mark", e)),
         }
         let pool = self.pool(&route.registry)?;
-        let req = UpstreamRequest::new(Method::HEAD, &route.repo, format!("{kind}/{digest}"), Capability::Pull)
+        let req = UpstreamRequest::new(Method::HEAD, &route.repo, format!("{kind}/{digest}"), Capability::Resolve)
             .with_accept(accept_or_all(&[]));
         match pool.attempts(req).next().await {
             Some(_) => {

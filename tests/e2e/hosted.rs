@@ -704,3 +704,34 @@ fn docker_style_bearer_flow_anonymous_pulls_and_token_logins() {
     let ping = http_request("GET", &format!("{}/v2/", basic.url()), &[]).unwrap();
     assert_eq!(ping.header("www-authenticate"), Some("Basic realm=\"ferry\""));
 }
+
+#[test]
+fn an_untrusted_mirror_saying_yes_does_not_make_private_content_public() {
+    // A pull-only mirror that answers 200 to anything (a HEAD from it proves nothing), before
+    // the trusted registry, which does not have the private digests.
+    let (mirror, mirror_log) = recording_server("127.0.0.1:0", "200 OK", vec![], "{}");
+    let trusted = Registry::start();
+    let work = tmp_dir();
+    let layout = work.path().join("layout");
+    let own = write_layer(&layout, 4 * 1024, 37);
+    let private = build_image_with_layers(&layout, "private", std::slice::from_ref(&own), 38);
+    let htpasswd = write_htpasswd(work.path(), &[ALICE, BOB]);
+    let cfg = FerryConfig::new(work.path().join("data"))
+        .registry(
+            "docker.io",
+            [upstream(format!("http://{mirror}")).opt("capabilities", ["pull"]), upstream(trusted.url())],
+        )
+        .hosted(Hosted::new(["internal"]).htpasswd(&htpasswd));
+    let ferry = Ferry::start(&cfg.yaml());
+    push_layout_creds(&layout, "private", &format!("{}/internal/secret:1", ferry.host()), false, ALICE).unwrap();
+    let anon = |path: String| http_request("GET", &format!("{}{path}", ferry.url()), &[]).unwrap();
+    for _ in 0..2 {
+        // Twice: a first answer must not have marked the digest public for good either.
+        let leak = anon(format!("/v2/library/anything/blobs/{}", own.0));
+        assert_eq!(leak.status, 404, "a private layer leaked because an untrusted mirror said yes");
+        let leak = anon(format!("/v2/library/anything/manifests/{}", private.manifest_digest));
+        assert_eq!(leak.status, 404, "a private manifest leaked because an untrusted mirror said yes");
+    }
+    let heads = mirror_log.lock().unwrap().iter().filter(|h| h.first().is_some_and(|l| l.starts_with("HEAD"))).count();
+    assert_eq!(heads, 0, "the untrusted mirror was asked to vouch for a digest");
+}
