@@ -105,10 +105,13 @@ impl App {
         let hosted_namespaces = hosted.as_ref().map(|h| h.namespaces().to_vec()).unwrap_or_default();
         let router =
             Router::new(config.registries.keys().cloned(), &config.default_registry).with_hosted(hosted_namespaces);
-        let max_size = config.storage.max_size.map(|s| s.as_u64());
+        let bounds = crate::cache::Bounds {
+            max_size: config.storage.max_size.map(|s| s.as_u64()),
+            max_blob_size: config.limits.max_blob_size.as_u64(),
+        };
         let (clock, guard_private) = (Arc::new(crate::cache::SystemClock), hosted.is_some());
         let cache =
-            Cache::new(storage.clone(), pools, config.cache.clone(), max_size, guard_private, metrics.clone(), clock);
+            Cache::new(storage.clone(), pools, config.cache.clone(), bounds, guard_private, metrics.clone(), clock);
         Ok(Arc::new(App {
             router,
             cache,

@@ -20,6 +20,9 @@ use crate::storage::Storage;
 struct Inventory {
     lru: LruCache<Digest, u64>,
     total: u64,
+    /// Bytes staged by fetches in progress: they count against the bound too, so a fetch
+    /// (or a hostile endless body) cannot fill the disk past `max_size` before its verdict.
+    staging: u64,
 }
 
 /// The byte-bounded recency list of cached blobs.
@@ -35,7 +38,7 @@ impl Evictor {
     pub fn new(max: Option<u64>, storage: Arc<dyn Storage>, metrics: Arc<Metrics>) -> Arc<Evictor> {
         Arc::new(Evictor {
             max,
-            inventory: Mutex::new(Inventory { lru: LruCache::unbounded(), total: 0 }),
+            inventory: Mutex::new(Inventory { lru: LruCache::unbounded(), total: 0, staging: 0 }),
             storage,
             metrics,
         })
@@ -96,6 +99,21 @@ impl Evictor {
         self.enforce().await;
     }
 
+    /// A fetch in progress staged `len` more bytes: makes room for them.
+    pub async fn staging(&self, len: u64) {
+        if let Ok(mut inv) = self.inventory.lock() {
+            inv.staging += len;
+        }
+        self.enforce().await;
+    }
+
+    /// A fetch ended (committed or not): its `len` staged bytes no longer count as staging.
+    pub fn staged_done(&self, len: u64) {
+        if let Ok(mut inv) = self.inventory.lock() {
+            inv.staging = inv.staging.saturating_sub(len);
+        }
+    }
+
     /// Bytes and blobs accounted for.
     pub fn usage(&self) -> (u64, usize) {
         self.inventory.lock().map(|inv| (inv.total, inv.lru.len())).unwrap_or((0, 0))
@@ -106,7 +124,7 @@ impl Evictor {
         loop {
             let victim = {
                 let Ok(mut inv) = self.inventory.lock() else { return };
-                if inv.total <= max {
+                if inv.total + inv.staging <= max {
                     return;
                 }
                 match inv.lru.pop_lru() {

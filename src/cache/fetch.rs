@@ -121,6 +121,14 @@ impl Cache {
         let digest = guard.digest.clone();
         let result = self.run_fetch(pool, repo, &digest, staged.as_ref(), &guard.tx, &guard.me.relay).await;
         let cacheable = guard.tx.borrow().relay_from.is_none();
+        // What reached the staging file (and was counted against max_size while it ran).
+        let staged_bytes = match staged {
+            Some(_) => {
+                let p = guard.tx.borrow();
+                p.relay_from.unwrap_or(p.written)
+            }
+            None => 0,
+        };
         let (result, to_commit) = match (result, staged) {
             (Ok(size), Some(staged)) if cacheable => (Ok(()), Some((staged, size))),
             (Ok(_), _) => (Ok(()), None),
@@ -146,6 +154,7 @@ impl Cache {
         // Leaves the map only now: a newcomer before the commit joins this verified fetch,
         // one after it finds the blob on disk.
         drop(guard);
+        self.evictor.staged_done(staged_bytes);
         if let Some(size) = committed {
             self.evictor.added(&digest, size).await;
         }
@@ -174,6 +183,9 @@ impl Cache {
             written: 0,
             total: None,
             held: None,
+            // The size a manifest Ferry served declared, when known, and never past the limit.
+            limit: self.declared.get(digest).await.unwrap_or(u64::MAX).min(self.max_blob_size),
+            evictor: &self.evictor,
         };
         let upstream = loop {
             attempts.resume_from(received.written);
@@ -202,6 +214,10 @@ struct Received<'a> {
     /// In relay mode the newest batch is held back until the digest is verified, so a
     /// corrupt blob never reaches a client complete.
     held: Option<Relayed>,
+    /// Most bytes this blob may have: an endless body is cut off here.
+    limit: u64,
+    /// Staged bytes count against `storage.max_size` while the fetch runs.
+    evictor: &'a super::Evictor,
 }
 
 /// How a body ended within a batch.
@@ -255,6 +271,9 @@ impl Received<'_> {
         if body_start > self.written || (self.total.is_some() && body_total.is_some() && self.total != body_total) {
             return Err(Reason::Body("answer does not continue the bytes already received".into()));
         }
+        if body_total.is_some_and(|t| t > self.limit) {
+            return Err(Reason::Body(format!("announces more than the {} bytes this blob may have", self.limit)));
+        }
         self.total = self.total.or(body_total);
         let total = self.total;
         self.tx.send_modify(|p| {
@@ -278,6 +297,9 @@ impl Received<'_> {
             let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
             if self.total.is_some_and(|t| self.written + len > t) {
                 return Ok(Err(Reason::Body("more bytes than announced".into())));
+            }
+            if self.written + len > self.limit {
+                return Ok(Err(Reason::Body(format!("longer than the {} bytes this blob may have", self.limit))));
             }
             if len > 0 {
                 self.keep(bufs, len).await?;
@@ -327,6 +349,9 @@ impl Received<'_> {
         self.written += len;
         let written = self.written;
         self.tx.send_modify(|p| p.written = written);
+        if relay_from.is_none() && self.staged.is_some() {
+            self.evictor.staging(len).await;
+        }
         Ok(())
     }
 

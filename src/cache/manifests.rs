@@ -62,11 +62,34 @@ impl Cache {
             }
         };
         let m = Arc::new(decode_manifest(digest, record)?);
+        self.remember_sizes(&m).await;
         self.manifests.insert(digest.clone(), m.clone()).await;
         Some(m)
     }
 
+    /// Remembers the sizes `m` declares for its config and layers: the bound of their fetches.
+    async fn remember_sizes(&self, m: &Manifest) {
+        #[derive(serde::Deserialize)]
+        struct Descriptor {
+            digest: String,
+            size: u64,
+        }
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            config: Option<Descriptor>,
+            #[serde(default)]
+            layers: Vec<Descriptor>,
+        }
+        let Ok(doc) = serde_json::from_slice::<Doc>(&m.bytes) else { return };
+        for d in doc.config.iter().chain(&doc.layers) {
+            if let Ok(digest) = Digest::parse(&d.digest) {
+                self.declared.insert(digest, d.size).await;
+            }
+        }
+    }
+
     async fn store_manifest(&self, m: &Arc<Manifest>) {
+        self.remember_sizes(m).await;
         self.manifests.insert(m.digest.clone(), m.clone()).await;
         let key = layout::manifest_record(&m.digest);
         if let Err(e) = self.storage.put_object(&key, encode_manifest(m)).await {

@@ -60,11 +60,27 @@ pub struct Cache {
     /// Hosted namespaces exist: local content may be private and needs a check before the
     /// proxied side serves it.
     guard_private: bool,
+    /// Largest blob fetched (`limits.max_blob_size`).
+    max_blob_size: u64,
+    /// Blob sizes that manifests Ferry holds declare: a fetch never takes more than that.
+    declared: moka::future::Cache<Digest, u64>,
 }
+
+/// How much the cache may hold: cached blobs in total, and one blob.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    /// `storage.max_size`: cached blobs (and fetches in progress) together; `None`: unbounded.
+    pub max_size: Option<u64>,
+    /// `limits.max_blob_size`.
+    pub max_blob_size: u64,
+}
+
+/// Sizes remembered from manifests (an entry is ~100 bytes).
+const DECLARED_CAPACITY: u64 = 200_000;
 
 impl Cache {
     /// A cache over `storage`, fetching through `pools` (one per configured registry), keeping
-    /// cached blobs under `max_size` bytes, judging tag ages by `clock` ([`SystemClock`] in a
+    /// cached blobs within `bounds`, judging tag ages by `clock` ([`SystemClock`] in a
     /// running Ferry). With `guard_private` (hosted namespaces share the store), content only
     /// pushed here is not served on proxied paths. Must be called inside a Tokio runtime: the
     /// inventory of blobs already on disk is loaded in the background.
@@ -72,12 +88,12 @@ impl Cache {
         storage: Arc<dyn Storage>,
         pools: HashMap<String, Arc<Pool>>,
         config: CacheConfig,
-        max_size: Option<u64>,
+        bounds: Bounds,
         guard_private: bool,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
     ) -> Arc<Cache> {
-        let evictor = Evictor::new(max_size, storage.clone(), metrics.clone());
+        let evictor = Evictor::new(bounds.max_size, storage.clone(), metrics.clone());
         let scanning = evictor.clone();
         tokio::spawn(async move { scanning.scan().await });
         let manifests = moka::future::Cache::builder()
@@ -97,6 +113,8 @@ impl Cache {
             blob_fetches: Default::default(),
             evictor,
             guard_private,
+            max_blob_size: bounds.max_blob_size,
+            declared: moka::future::Cache::new(DECLARED_CAPACITY),
         })
     }
 

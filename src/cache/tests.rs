@@ -174,6 +174,11 @@ const SERVE_STALE: u64 = 3600;
 
 impl Harness {
     async fn start() -> Harness {
+        Harness::start_with(u64::MAX).await
+    }
+
+    /// A harness whose cache fetches blobs of at most `max_blob_size` bytes.
+    async fn start_with(max_blob_size: u64) -> Harness {
         let upstream = FakeUpstream::start().await;
         let dir = tempfile::tempdir().unwrap();
         let storage: Arc<dyn Storage> = Arc::new(FsStorage::open(dir.path()).unwrap());
@@ -190,7 +195,8 @@ impl Harness {
         };
         let clock = Arc::new(ManualClock::new(T0));
         let pools = HashMap::from([("docker.io".to_owned(), pool)]);
-        let cache = Cache::new(storage.clone(), pools, config, None, false, metrics.clone(), clock.clone());
+        let bounds = super::Bounds { max_size: None, max_blob_size };
+        let cache = Cache::new(storage.clone(), pools, config, bounds, false, metrics.clone(), clock.clone());
         let route = Route { registry: "docker.io".into(), repo: RepoName::parse("library/app").unwrap() };
         Harness { cache, clock, upstream, storage, metrics, route, dir }
     }
@@ -482,6 +488,49 @@ async fn failovers_count_failed_requests_but_not_rejected_answers() {
         assert!(err.message.contains("circuit open"), "{}", err.message);
         assert_eq!((failovers("digest_mismatch"), h.metrics.digest_mismatches.get()), (0, 1));
         assert_eq!(h.upstream.take_requests().len(), 2, "the open circuit was dialled");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_longer_than_it_may_be_is_cut_off_and_never_cached() {
+    within(async {
+        const LIMIT: u64 = 256 * 1024;
+        let mut h = Harness::start_with(LIMIT).await;
+        // Announced too long: refused before a byte is read.
+        let (_, announced) = h.cold_blob(1 << 20, false);
+        let refused = h.cache.blob(&h.route, &announced, None, false).await.err().expect("a refusal");
+        assert!(refused.message.contains("may have"), "{}", refused.message);
+
+        // An endless chunked body: cut off at the limit, however much the upstream sends.
+        let (_, endless) = h.cold_blob(1 << 20, true);
+        let reader = spawn_readers(vec![h.get_blob(&endless).await]);
+        let (mut progress, tx) = h.in_flight(&endless).await;
+        let endless_body = blob_bytes(2 << 20);
+        for chunk in endless_body.chunks(64 * 1024) {
+            // The fetch hangs up on it at the limit.
+            if tx.send(endless_body.slice_ref(chunk)).is_err() {
+                break;
+            }
+        }
+        // Later attempts (resumes) end at once: the upstream closes them empty.
+        let mut feeds = std::mem::replace(&mut h.upstream.feeds, mpsc::unbounded_channel().1);
+        let drain = tokio::spawn(async move {
+            while let Some(f) = feeds.recv().await {
+                drop(f)
+            }
+        });
+        let mut most = 0;
+        while progress.changed().await.is_ok() {
+            most = most.max(progress.borrow().written);
+        }
+        assert!(most <= LIMIT, "{most} bytes kept of a blob that may have {LIMIT}");
+        let (got, err) = reader.into_iter().next().unwrap().await.unwrap();
+        assert!(err.is_some() && got.len() as u64 <= LIMIT, "the reader got {} bytes and no error", got.len());
+        assert_eq!(h.storage.blob_size(&endless).await.unwrap(), None, "the cut-off blob was committed");
+        assert_eq!(h.staging_files(), 0, "the staging file was left behind");
+        drop(tx);
+        drain.abort();
     })
     .await
 }
