@@ -39,6 +39,10 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(300);
 
 type HmacSha256 = hmac::Hmac<Sha256>;
 
+/// Failed logins are logged at most once a second, with a count of those left out: a
+/// password-guessing flood must not become a log flood.
+static FAILED_LOGINS: crate::throttle::Throttle = crate::throttle::Throttle::new(Duration::from_secs(1));
+
 /// bcrypt verifications running at once, at most.
 const BCRYPT_CONCURRENCY: usize = 2;
 
@@ -179,7 +183,9 @@ impl Auth {
             return self.verify_token(token).ok_or_else(|| unauthorized("invalid or expired token"));
         }
         let Some((user, password)) = value.to_str().ok().and_then(parse_basic) else {
-            tracing::warn!(target: "ferry::auth", %client, "failed login: malformed Authorization header");
+            if let Some(suppressed) = FAILED_LOGINS.allow() {
+                tracing::warn!(target: "ferry::auth", %client, suppressed, "failed login: malformed Authorization header");
+            }
             return Err(unauthorized("malformed credentials: use HTTP Basic authentication"));
         };
         if user.is_empty() && password.is_empty() {
@@ -206,7 +212,9 @@ impl Auth {
             Ok(Identity::User(user))
         } else {
             // The user name is client input: Debug-format it so it cannot forge log lines.
-            tracing::warn!(target: "ferry::auth", user = ?user, %client, "failed login");
+            if let Some(suppressed) = FAILED_LOGINS.allow() {
+                tracing::warn!(target: "ferry::auth", user = ?user, %client, suppressed, "failed login");
+            }
             Err(unauthorized("invalid user name or password"))
         }
     }

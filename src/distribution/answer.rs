@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http::StatusCode;
 
 use super::Digest;
-use crate::storage::ByteStream;
+
+/// A stream of blob bytes (request and response bodies, stored blobs).
+pub type ByteStream = futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>;
 
 /// A manifest exactly as an upstream or a client sent it.
 #[derive(Debug)]

@@ -14,7 +14,7 @@ mod error;
 #[cfg(test)]
 mod proptests;
 mod range;
-pub use answer::{Answer, BlobAnswer, Manifest, Source};
+pub use answer::{Answer, BlobAnswer, ByteStream, Manifest, Source};
 pub use endpoint::{split_api, Api, Endpoint};
 pub use error::{internal, ErrorCode, ProtocolError};
 pub use range::{range_header, unsatisfiable, ByteRange};

@@ -24,15 +24,13 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
-use futures_util::stream::BoxStream;
 
 use crate::distribution::Digest;
 
 /// Size of each read on the cache-hit path: large reads mean few syscalls and few task hops.
 pub const READ_CHUNK: usize = 512 * 1024;
 
-/// A stream of blob bytes.
-pub type ByteStream = BoxStream<'static, io::Result<Bytes>>;
+pub use crate::distribution::ByteStream;
 
 /// What the cache needs from a store. Blobs are staged locally (the fetch writes and readers
 /// tail the staged file while it grows), then committed under their verified digest.
