@@ -16,6 +16,7 @@ mod failover;
 mod hosted;
 mod operations;
 mod pull_through;
+mod soak;
 mod upstream_auth;
 
 // The harness's own tests, against the real tools and without Ferry.
