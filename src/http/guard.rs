@@ -13,7 +13,13 @@
 //! * [`Budget`]: every frame a response body hands to hyper holds its size from a process-wide
 //!   budget until the next frame is asked for, so stalled readers together hold at most
 //!   `max_buffered` bytes whatever they do; others wait for room (bounded by the stall timeout
-//!   of the holders).
+//!   of the holders). Room is reserved *before* the body is asked for the frame: hyper asks a
+//!   body for a frame before it has window to send it, so a frame read first would sit in
+//!   memory outside the budget on every stream with a zero window. Only one stream of a
+//!   connection waits for room at a time, so room that frees up is shared among connections
+//!   instead of going to the queued streams of one that never reads. Bodies known to be small
+//!   (operations answers, errors, tokens) are in memory already and never wait: probes must
+//!   not queue behind stalled readers.
 
 use std::future::Future;
 use std::io;
@@ -24,7 +30,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -60,6 +66,8 @@ impl Admission {
 /// Shared by a connection's task, its request handlers and its response bodies.
 pub struct Activity {
     base: Instant,
+    /// Held by the one stream of this connection that waits for room in the [`Budget`].
+    turn: Arc<Semaphore>,
     /// Milliseconds since `base` of the last request start or end.
     last: AtomicU64,
     inflight: AtomicUsize,
@@ -72,6 +80,7 @@ impl Activity {
     pub fn new() -> Arc<Activity> {
         Arc::new(Activity {
             base: Instant::now(),
+            turn: Arc::new(Semaphore::new(1)),
             last: AtomicU64::new(0),
             inflight: AtomicUsize::new(0),
             waiting: Mutex::new(Vec::new()),
@@ -176,20 +185,49 @@ impl Budget {
     pub fn held(&self) -> u64 {
         (u64::from(self.total_kib) - self.kib.available_permits() as u64) * 1024
     }
+
+    /// Makes `room`, reserved before a frame of `len` bytes was read, that frame's size: the
+    /// excess goes back at once; a shortfall is taken if the budget has it now, never waited
+    /// for (the frame is in memory already, and waiting while holding room could deadlock), so
+    /// a frame larger than [`FRAME_ROOM`] may go over by its excess.
+    fn fit(&self, mut room: OwnedSemaphorePermit, len: usize) -> OwnedSemaphorePermit {
+        let kib = len.div_ceil(1024).clamp(1, self.total_kib as usize);
+        let have = room.num_permits();
+        if have > kib {
+            drop(room.split(have - kib));
+        } else if have < kib {
+            let more = u32::try_from(kib - have).unwrap_or(u32::MAX);
+            if let Ok(more) = self.kib.clone().try_acquire_many_owned(more) {
+                room.merge(more);
+            }
+        }
+        room
+    }
 }
 
+/// Room reserved for a body's next frame before the body is asked for it: the largest piece
+/// Ferry reads from disk at once (a body known to be shorter reserves its length).
+pub const FRAME_ROOM: usize = crate::storage::HIT_CHUNK;
+
+/// A body known to be at most this long is already in memory and never waits for room.
+pub const SMALL_BODY: u64 = 64 * 1024;
+
 /// A response body under the connection's watch and the process-wide [`Budget`]: each frame
-/// holds its size from the budget until hyper asks for the next one, and the connection's
-/// [`Activity`] knows how long a handed-out frame has waited. The request counts as in flight
-/// until this body is dropped.
+/// holds its size from the budget, reserved before the frame is read, until hyper asks for the
+/// next one, and the connection's [`Activity`] knows how long a handed-out frame has waited.
+/// The request counts as in flight until this body is dropped.
 pub struct Guarded {
     inner: Body,
     clock: BodyClock,
     budget: Arc<Budget>,
+    /// The connection's turn to wait for room (see [`Activity`]).
+    turn: Arc<Semaphore>,
     /// The budget held by the frame last handed out.
     held: Option<OwnedSemaphorePermit>,
-    /// A frame waiting for room in the budget, and the reservation in progress.
-    pending: Option<(Frame<Bytes>, Reservation)>,
+    /// Room reserved for the next frame (kept while the body is producing it).
+    room: Option<OwnedSemaphorePermit>,
+    /// The reservation of that room in progress.
+    reserving: Option<Reservation>,
 }
 
 type Reservation = Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>;
@@ -198,7 +236,39 @@ impl Guarded {
     /// Wraps `inner`; the request started (for idleness) when this is built.
     pub fn new(inner: Body, activity: &Arc<Activity>, budget: Arc<Budget>) -> Guarded {
         activity.request_started();
-        Guarded { inner, clock: activity.body_clock(), budget, held: None, pending: None }
+        Guarded {
+            inner,
+            clock: activity.body_clock(),
+            budget,
+            turn: activity.turn.clone(),
+            held: None,
+            room: None,
+            reserving: None,
+        }
+    }
+
+    /// Reserves room for the next frame while the connection holds its turn; none for a body
+    /// known to be small.
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.room.is_some() {
+            return Poll::Ready(());
+        }
+        let upper = self.inner.size_hint().upper();
+        if upper.is_some_and(|u| u <= SMALL_BODY) {
+            return Poll::Ready(());
+        }
+        let reserving = self.reserving.get_or_insert_with(|| {
+            let len = upper.map_or(FRAME_ROOM, |u| usize::try_from(u).unwrap_or(FRAME_ROOM).min(FRAME_ROOM));
+            let (budget, turn) = (self.budget.clone(), self.turn.clone());
+            Box::pin(async move {
+                let _turn = turn.acquire_owned().await.ok()?;
+                budget.reserve(len).await
+            })
+        });
+        let Poll::Ready(room) = reserving.as_mut().poll(cx) else { return Poll::Pending };
+        self.reserving = None;
+        self.room = room;
+        Poll::Ready(())
     }
 }
 
@@ -211,29 +281,30 @@ impl http_body::Body for Guarded {
         // Asked again: the client took the last frame (hyper wrote it or the stream has window).
         this.clock.polled();
         this.held = None;
-        if this.pending.is_none() {
-            match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    let len = frame.data_ref().map_or(0, |d| d.len());
-                    if len == 0 {
-                        return Poll::Ready(Some(Ok(frame)));
-                    }
-                    let budget = this.budget.clone();
-                    this.pending = Some((frame, Box::pin(async move { budget.reserve(len).await })));
-                }
-                other => return other,
-            }
+        // Room first, then the frame.
+        if this.poll_room(cx).is_pending() {
+            return Poll::Pending;
         }
-        let Some((_, reservation)) = this.pending.as_mut() else { return Poll::Pending };
-        let Poll::Ready(permit) = reservation.as_mut().poll(cx) else { return Poll::Pending };
-        let Some((frame, _)) = this.pending.take() else { return Poll::Pending };
-        this.held = permit;
-        this.clock.handed_out();
-        Poll::Ready(Some(Ok(frame)))
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |d| d.len());
+                if len > 0 {
+                    this.held = this.room.take().map(|room| this.budget.fit(room, len));
+                    this.clock.handed_out();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(end) => {
+                this.room = None;
+                Poll::Ready(end)
+            }
+            // The room stays reserved: the body may be reading the frame into memory now.
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending.is_none() && self.inner.is_end_stream()
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -293,6 +364,74 @@ mod tests {
         assert_eq!(since.elapsed().as_secs(), 120);
         keep_reading.abort();
         drop(stalled);
+    }
+
+    /// A body of `chunks` frames of `len` bytes that counts how often it is asked for one.
+    fn counted(chunks: usize, len: usize) -> (Body, Arc<AtomicUsize>) {
+        use futures_util::stream::{self, StreamExt};
+        use http_body_util::{BodyExt, StreamBody};
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let frames = stream::iter(0..chunks).map(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, io::Error>(Frame::data(Bytes::from(vec![0u8; len])))
+        });
+        (StreamBody::new(frames).boxed_unsync(), asked)
+    }
+
+    /// The next frame if it is ready now.
+    fn poll_now(body: &mut Guarded) -> Option<Option<Result<Frame<Bytes>, io::Error>>> {
+        use futures_util::FutureExt;
+        use http_body_util::BodyExt;
+        body.frame().now_or_never()
+    }
+
+    #[tokio::test]
+    async fn room_is_reserved_before_the_body_is_asked_for_a_frame() {
+        let b = Budget::new(2 << 20);
+        let mut filler = b.reserve(2 << 20).await.unwrap();
+        let a = Activity::new();
+        let (inner, asked) = counted(2, 512 * 1024);
+        let mut body = Guarded::new(inner, &a, b.clone());
+        assert!(poll_now(&mut body).is_none(), "a frame without room");
+        assert_eq!(asked.load(Ordering::SeqCst), 0, "the body was read before there was room for it");
+        drop(filler.split(1024));
+        let frame = poll_now(&mut body).expect("room freed").unwrap().unwrap();
+        assert_eq!(frame.data_ref().unwrap().len(), 512 * 1024);
+        assert_eq!(asked.load(Ordering::SeqCst), 1);
+        // The room reserved (a read chunk) was trimmed to the frame.
+        assert_eq!(b.held(), (1 << 20) + 512 * 1024);
+        drop(filler);
+        drop(body);
+        assert_eq!(b.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn one_stream_per_connection_waits_for_room() {
+        let b = Budget::new(2 << 20);
+        let mut filler = b.reserve(2 << 20).await.unwrap();
+        let (greedy, other) = (Activity::new(), Activity::new());
+        let mut first = Guarded::new(counted(1, 1 << 20).0, &greedy, b.clone());
+        let mut second = Guarded::new(counted(1, 1 << 20).0, &greedy, b.clone());
+        let mut theirs = Guarded::new(counted(1, 1 << 20).0, &other, b.clone());
+        for body in [&mut first, &mut second, &mut theirs] {
+            assert!(poll_now(body).is_none());
+        }
+        drop(filler.split(1024));
+        assert!(poll_now(&mut first).is_some(), "the first waiter gets the room");
+        drop(filler);
+        assert!(poll_now(&mut theirs).is_some(), "the other connection is next, not the greedy one's second stream");
+        assert!(poll_now(&mut second).is_none());
+    }
+
+    #[tokio::test]
+    async fn bodies_known_to_be_small_never_wait_for_room() {
+        let b = Budget::new(2 << 20);
+        let _all = b.reserve(2 << 20).await.unwrap();
+        let a = Activity::new();
+        let mut probe = Guarded::new(super::super::response::full("ok\n"), &a, b.clone());
+        let frame = poll_now(&mut probe).expect("an answer in memory waits for nothing").unwrap().unwrap();
+        assert_eq!(frame.data_ref().unwrap().as_ref(), b"ok\n");
     }
 
     #[tokio::test]

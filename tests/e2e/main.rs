@@ -14,6 +14,7 @@ mod containerd;
 mod durability;
 mod failover;
 mod hosted;
+mod limits;
 mod operations;
 mod pull_through;
 mod soak;
