@@ -472,4 +472,22 @@ mod tests {
         h.insert(http::header::AUTHORIZATION, format!("Bearer {forged}.{sig}").parse().unwrap());
         assert!(auth.authenticate(&h, client).await.is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_htpasswd_text_loads_or_is_refused_without_panic(text in "\\PC{0,300}") {
+            let _ = Auth::new(&text, &config("[]"));
+        }
+
+        #[test]
+        fn any_authorization_header_is_answered_without_panic(v in "[ -~]{0,120}") {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let auth = Auth::new(FILE, &config("[]")).unwrap();
+            let mut h = http::HeaderMap::new();
+            if let Ok(v) = http::HeaderValue::from_str(&v) {
+                h.insert(http::header::AUTHORIZATION, v);
+            }
+            let _ = rt.block_on(auth.authenticate(&h, "127.0.0.1:1".parse().unwrap()));
+        }
+    }
 }

@@ -274,4 +274,22 @@ pub(crate) mod tests {
             }
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_config_text_loads_or_names_what_is_wrong(text in "\\PC{0,400}") {
+            if let Err(e) = Config::from_yaml(&text) {
+                proptest::prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        #[test]
+        fn config_shaped_text_never_panics(
+            key in "(listen|storage|cache|registries|limits|hosted|log)",
+            sub in "[a-z_]{1,20}",
+            value in "[ -~]{0,30}",
+        ) {
+            let _ = Config::from_yaml(&format!("{key}:\n  {sub}: {value}\n"));
+        }
+    }
 }

@@ -288,4 +288,28 @@ mod tests {
         assert!(policy("https://registry-1.docker.io", "https://localhost/t").is_err());
         assert!(policy("https://registry-1.docker.io", "file:///etc/passwd").is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_challenge_parses_without_panic(h in "\\PC{0,200}") {
+            let (scheme, params) = parse_challenge(&h);
+            proptest::prop_assert!(!scheme.contains(' '));
+            proptest::prop_assert!(params.keys().all(|k| k == &k.to_ascii_lowercase()));
+        }
+
+        #[test]
+        fn quoted_parameters_round_trip(realm in "https://[a-z]{1,10}\\.example/[a-z/]{0,10}", service in "[a-z.]{1,20}") {
+            let (s, p) = parse_challenge(&format!("Bearer realm=\"{realm}\",service=\"{service}\""));
+            proptest::prop_assert_eq!(s, "Bearer");
+            proptest::prop_assert_eq!(&p["realm"], &realm);
+            proptest::prop_assert_eq!(&p["service"], &service);
+        }
+
+        #[test]
+        fn realm_policy_never_panics(up in "\\PC{0,40}", realm in "\\PC{0,40}") {
+            if let (Ok(u), Ok(r)) = (reqwest::Url::parse(&up), reqwest::Url::parse(&realm)) {
+                let _ = realm_policy(&u, &r, &[]);
+            }
+        }
+    }
 }

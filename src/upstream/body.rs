@@ -45,4 +45,18 @@ mod tests {
         assert_eq!(content_range("bytes */200"), None);
         assert_eq!(content_range("items 0-1/2"), None);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_content_range_parses_or_is_refused_without_panic(v in "\\PC{0,60}") {
+            let _ = content_range(&v);
+        }
+
+        #[test]
+        fn well_formed_content_ranges_round_trip(start in 0u64..u64::MAX / 2, len in 0u64..1 << 40, total in proptest::option::of(0u64..u64::MAX)) {
+            let t = total.map_or("*".to_owned(), |t| t.to_string());
+            let v = format!("bytes {start}-{}/{t}", start + len);
+            proptest::prop_assert_eq!(content_range(&v), Some((start, total)));
+        }
+    }
 }
