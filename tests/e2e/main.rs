@@ -13,6 +13,7 @@ mod conformance;
 mod containerd;
 mod durability;
 mod failover;
+mod floods;
 mod hosted;
 mod limits;
 mod operations;
