@@ -19,21 +19,6 @@ fn healthz(host: &str, timeout: Duration) -> io::Result<u16> {
     http_request_timeout("GET", &format!("http://{host}/healthz"), &[], timeout).map(|r| r.status)
 }
 
-/// Resident memory of process `pid`, in bytes (`VmRSS` in `/proc/PID/status`).
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kib * 1024
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / f64::from(1 << 20)
-}
-
 /// What [`watch`] saw: `/healthz` probes answered, probe failures, and the peak RSS.
 type Watched = (usize, Vec<String>, u64);
 

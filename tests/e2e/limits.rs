@@ -181,21 +181,6 @@ fn probe_healthz(host: String) -> (mpsc::Sender<()>, thread::JoinHandle<(usize, 
     (stop, handle)
 }
 
-/// Resident memory of process `pid`, in bytes (`VmRSS` in `/proc/PID/status`).
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kib * 1024
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / f64::from(1 << 20)
-}
-
 #[test]
 fn connections_that_never_send_a_byte_and_idle_keep_alives_are_closed_after_the_idle_timeout() {
     let work = tmp_dir();

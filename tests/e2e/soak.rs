@@ -18,14 +18,7 @@ const CROWD: usize = 200;
 
 /// Ferry's resident memory (KiB) and open descriptors.
 fn usage(pid: u32) -> (u64, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
-    (rss, fds)
+    (rss(pid) / 1024, open_fds(pid))
 }
 
 #[derive(Default)]
