@@ -14,14 +14,24 @@
 //!   same pull straight from the upstream, plain loopback. Every round starts each proxy on an
 //!   empty cache.
 //! * 1b: the same for an 8 x 8 MiB image over a 50 ms RTT / 100 Mbit/s link to the upstream.
-//! * 2: warm single-stream throughput of a cached 1 GiB blob (curl to /dev/null), plus the
-//!   server's CPU time per GiB served (from `/proc/PID/stat`).
+//! * 2: warm single-stream throughput of a cached 1 GiB blob (curl to /dev/null).
 //! * 3a/3b: 32 concurrent clients cold-pulling one image: upstream GETs per blob (from the
 //!   upstream's access log) and wall time as a multiple of one client's cold pull. 3a is plain
 //!   loopback (4 x 32 MiB), 3b has the shaped link (4 x 4 MiB) so that the upstream link, not
 //!   the 2 local cores, is the bottleneck the coalescing is meant to hide.
 //! * 4: a cached manifest by tag under `wrk -t2 -c64 -d10s --latency`.
 //! * 5: peak RSS (`VmHWM`) of each proxy process while 32 clients cold-pull a 1 GiB layer.
+//! * 6: 8 distinct cold 256 MiB blobs (one image's layers, so nothing to coalesce) fetched at
+//!   once, one `GET /v2/<repo>/blobs/<digest>` per connection, through a fresh Ferry, a fresh
+//!   Distribution proxy and straight from the upstream: aggregate MB/s, each as a multiple of
+//!   direct.
+//!
+//! Every scenario that moves blob bytes (all but 4) also has a CPU row: user+sys seconds (from
+//! `/proc/PID/stat`, read across the measured transfer, before the server is stopped) of the
+//! server the clients talked to, per GiB the clients received. For direct that server is the
+//! upstream; a proxy's cell adds the upstream's CPU over the same transfer, so what the proxy
+//! itself costs shows next to direct. Scenario 2 is warm, so there it is the proxy (or nginx)
+//! alone. The shaped link's relay runs inside this process and is not counted.
 //!
 //! Peers and Ferry run alternately (the order rotates every round) and the table shows medians;
 //! ratios are medians of per-round ratios, which cancels most of a shared machine's drift.
@@ -91,12 +101,14 @@ struct Plan {
     herd_layers: Vec<u64>,
     herd_shaped_layers: Vec<u64>,
     big: u64,
+    parallel_layers: Vec<u64>,
     clients: usize,
     rounds: usize,
     shaped_rounds: usize,
     herd_rounds: usize,
     herd_shaped_rounds: usize,
     throughput_rounds: usize,
+    parallel_rounds: usize,
     wrk_rounds: usize,
     wrk_duration: &'static str,
 }
@@ -117,12 +129,14 @@ impl Plan {
                 herd_layers: vec![4 * MIB; 4],
                 herd_shaped_layers: vec![256 * 1024; 4],
                 big: 64 * MIB,
+                parallel_layers: vec![16 * MIB; 8],
                 clients: 8,
                 rounds: 2,
                 shaped_rounds: 1,
                 herd_rounds: 1,
                 herd_shaped_rounds: 1,
                 throughput_rounds: 2,
+                parallel_rounds: 2,
                 wrk_rounds: 1,
                 wrk_duration: "2s",
             };
@@ -137,12 +151,14 @@ impl Plan {
             // ~40 s per 32-client round even at this size.
             herd_shaped_layers: vec![2 * MIB; 4],
             big: GIB,
+            parallel_layers: vec![256 * MIB; 8],
             clients: 32,
             rounds: 5,
             shaped_rounds: 3,
             herd_rounds: 3,
             herd_shaped_rounds: 2,
             throughput_rounds: 5,
+            parallel_rounds: 3,
             wrk_rounds: 3,
             wrk_duration: "10s",
         }
@@ -232,6 +248,43 @@ fn cpu_seconds(pid: u32) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
     (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+/// Server CPU (user+sys) per GiB delivered to clients: the server the clients talked to and the
+/// upstream behind it (for "direct" both are the upstream itself).
+#[derive(Clone, Copy, Debug)]
+struct CpuUse {
+    server: f64,
+    upstream: f64,
+}
+
+/// CPU counters of a server under test and of the upstream when a transfer starts.
+struct CpuMeter {
+    server: u32,
+    upstream: u32,
+    at_start: (f64, f64),
+}
+
+impl CpuMeter {
+    fn start(server: u32, upstream: u32) -> CpuMeter {
+        CpuMeter { server, upstream, at_start: (cpu_seconds(server), cpu_seconds(upstream)) }
+    }
+
+    /// CPU used since [`CpuMeter::start`] per GiB of `bytes`. Call it before the server is
+    /// dropped: a killed process's counters are gone with it.
+    fn per_gib(&self, bytes: u64) -> CpuUse {
+        let gib = bytes as f64 / GIB as f64;
+        CpuUse {
+            server: (cpu_seconds(self.server) - self.at_start.0) / gib,
+            upstream: (cpu_seconds(self.upstream) - self.at_start.1) / gib,
+        }
+    }
+}
+
+impl std::fmt::Display for CpuUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} CPU s/GiB (upstream {:.2})", self.server, self.upstream)
+    }
 }
 
 fn clock_ticks() -> f64 {
@@ -772,41 +825,79 @@ fn rotated<T: Copy>(items: &[T], round: usize) -> Vec<T> {
     items[k..].iter().chain(&items[..k]).copied().collect()
 }
 
+/// A fresh server on an empty cache in front of `origin` for a proxy; `None` for direct.
+fn start_cold(who: Who, origin: &str) -> Option<Server> {
+    match who {
+        Who::Ferry => Some(start_ferry(origin)),
+        Who::Dist => Some(start_dist_proxy(origin)),
+        _ => None,
+    }
+}
+
+/// Where `who`'s clients go and whose CPU serves them: the proxy, or for direct `origin` (the
+/// upstream, possibly behind the relay, which runs in this process and is not counted) and
+/// the upstream's own process.
+fn endpoint(server: Option<&Server>, origin: &str, upstream: &Registry) -> (String, u32) {
+    server.map_or_else(|| (origin.to_string(), upstream.pid()), |s| (s.url.clone(), s.proc.pid()))
+}
+
 /// Scenario 1: cold pulls through fresh proxies vs direct from the upstream (through `via`,
-/// the shaped relay, when given). Returns the table row.
+/// the shaped relay, when given). Returns the time row and the CPU row.
 fn cold_vs_direct(
     id: &'static str,
     what: String,
+    target: &'static str,
     upstream: &Registry,
     via: Option<&Relay>,
     img: &BenchImage,
     rounds: usize,
-) -> Row {
+) -> Vec<Row> {
     let origin = via.map_or_else(|| upstream.url(), Relay::url);
     let mut t: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut cpu: HashMap<&str, Vec<CpuUse>> = HashMap::new();
     for round in 0..rounds {
         for who in rotated(&[Who::Direct, Who::Ferry, Who::Dist], round) {
-            let took = match who {
-                Who::Direct => timed_pull(&origin, img),
-                Who::Ferry => {
-                    let f = start_ferry(&origin);
-                    timed_pull(&f.url, img)
-                }
-                _ => {
-                    let d = start_dist_proxy(&origin);
-                    timed_pull(&d.url, img)
-                }
-            };
-            progress(format!("{id} round {}/{rounds}: {:<12} {}", round + 1, who.label(), secs(took)));
+            let server = start_cold(who, &origin);
+            let (base, pid) = endpoint(server.as_ref(), &origin, upstream);
+            let meter = CpuMeter::start(pid, upstream.pid());
+            let took = timed_pull(&base, img);
+            let used = meter.per_gib(img.bytes());
+            drop(server);
+            progress(format!("{id} round {}/{rounds}: {:<12} {}, {used}", round + 1, who.label(), secs(took)));
             t.entry(who.label()).or_default().push(took);
+            cpu.entry(who.label()).or_default().push(used);
         }
     }
     let (direct, ferry, dist) = (&t["direct"], &t["ferry"], &t["distribution"]);
-    let mut row = Row::new(id, what, "Ferry ≤ 1.05x direct");
+    let mut row = Row::new(id, what, target);
     row.direct = secs(median(direct));
     row.ferry = format!("{} ({})", times(median(&ratios(ferry, direct))), secs(median(ferry)));
     row.dist = format!("{} ({})", times(median(&ratios(dist, direct))), secs(median(dist)));
     row.ratio = format!("Ferry ÷ Dist (time) {}", times(median(&ratios(ferry, dist))));
+    vec![row, cpu_row(id, &cpu, COLD_CPU_TARGET)]
+}
+
+/// Target of the CPU rows of the cold scenarios: Ferry's own CPU per GiB it delivers.
+const COLD_CPU_TARGET: &str = "Ferry ≤ 1.1";
+
+/// The "server CPU s per GiB" row: medians per contender. A proxy's cell also shows the
+/// upstream's CPU over the same transfer, so that what the proxy itself costs can be set
+/// against direct (whose server is the upstream).
+fn cpu_row(id: &'static str, cpu: &HashMap<&str, Vec<CpuUse>>, target: &'static str) -> Row {
+    let of = |who: &str, part: fn(&CpuUse) -> f64| cpu.get(who).map(|v| v.iter().map(part).collect::<Vec<f64>>());
+    let mut row = Row::new(id, "server CPU s per GiB delivered (user+sys)", target);
+    let proxy = |who: &str| match (of(who, |c| c.server), of(who, |c| c.upstream)) {
+        (Some(s), Some(u)) => format!("{:.2} (+{:.2} upstream)", median(&s), median(&u)),
+        _ => "–".to_string(),
+    };
+    row.ferry = proxy("ferry");
+    row.dist = proxy("distribution");
+    if let Some(d) = of("direct", |c| c.server) {
+        row.direct = format!("{:.2}", median(&d));
+    }
+    if let (Some(f), Some(d)) = (of("ferry", |c| c.server), of("distribution", |c| c.server)) {
+        row.ratio = format!("Ferry ÷ Dist (proxy CPU) {}", times(median(&ratios(&f, &d))));
+    }
     row
 }
 
@@ -941,6 +1032,7 @@ fn thundering_herd(
     let mut one: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut many: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut gets: HashMap<&str, Vec<Fetches>> = HashMap::new();
+    let mut cpu: HashMap<&str, Vec<CpuUse>> = HashMap::new();
     for round in 0..rounds {
         for who in rotated(&[Who::Ferry, Who::Dist], round) {
             let start = || if who == Who::Ferry { start_ferry(&origin) } else { start_dist_proxy(&origin) };
@@ -949,13 +1041,10 @@ fn thundering_herd(
                 timed_pull(&s.url, img)
             };
             let before = upstream_gets(upstream, img);
-            let tn = {
-                let s = start();
-                herd(&s.url, img, clients)
-            };
+            let (tn, used) = metered_herd(&start(), upstream, img, clients);
             let per_blob = settled_gets(upstream, img, &before);
             progress(format!(
-                "{id} round {}/{rounds}: {:<12} 1 client {}, {clients} clients {}, upstream GETs per blob {:?}, {}",
+                "{id} round {}/{rounds}: {:<12} 1 client {}, {clients} clients {}, upstream GETs per blob {:?}, {}, {used}",
                 round + 1,
                 who.label(),
                 secs(t1),
@@ -966,6 +1055,7 @@ fn thundering_herd(
             one.entry(who.label()).or_default().push(t1);
             many.entry(who.label()).or_default().push(tn);
             gets.entry(who.label()).or_default().extend(per_blob);
+            cpu.entry(who.label()).or_default().push(used);
         }
     }
     let fetches = |who: &str| fetch_summary(&gets[who], img, rounds);
@@ -987,7 +1077,14 @@ fn thundering_herd(
         "Ferry ÷ Dist ({clients}-client wall) {}",
         times(median(&ratios(&many["ferry"], &many["distribution"])))
     );
-    vec![fetch_row, wall_row]
+    vec![fetch_row, wall_row, cpu_row(id, &cpu, COLD_CPU_TARGET)]
+}
+
+/// [`herd`] through proxy `s`, with the CPU it and the upstream spent per GiB the clients got.
+fn metered_herd(s: &Server, upstream: &Registry, img: &BenchImage, clients: usize) -> (f64, CpuUse) {
+    let meter = CpuMeter::start(s.proc.pid(), upstream.pid());
+    let t = herd(&s.url, img, clients);
+    (t, meter.per_gib(img.bytes() * clients as u64))
 }
 
 /// Parsed `wrk --latency` output.
@@ -1092,15 +1189,16 @@ fn manifest_load(warm: &Warm, img: &BenchImage, plan: &Plan) -> Vec<Row> {
 fn peak_rss(upstream: &Registry, big: &BenchImage, clients: usize) -> Vec<Row> {
     let mut hwm: HashMap<&str, f64> = HashMap::new();
     let mut wall: HashMap<&str, f64> = HashMap::new();
+    let mut cpu: HashMap<&str, Vec<CpuUse>> = HashMap::new();
     for who in [Who::Ferry, Who::Dist] {
         let s = if who == Who::Ferry { start_ferry(&upstream.url()) } else { start_dist_proxy(&upstream.url()) };
         let before = upstream_gets(upstream, big);
-        let t = herd(&s.url, big, clients);
+        let (t, used) = metered_herd(&s, upstream, big, clients);
         let kib = status_kib(s.proc.pid(), "VmHWM").unwrap_or(0);
         drop(s);
         let per_blob = settled_gets(upstream, big, &before);
         progress(format!(
-            "5: {:<12} {clients} clients in {}, VmHWM {:.1} MiB, upstream GETs per blob {:?}, {}",
+            "5: {:<12} {clients} clients in {}, VmHWM {:.1} MiB, upstream GETs per blob {:?}, {}, {used}",
             who.label(),
             secs(t),
             kib as f64 / 1024.0,
@@ -1109,6 +1207,7 @@ fn peak_rss(upstream: &Registry, big: &BenchImage, clients: usize) -> Vec<Row> {
         ));
         hwm.insert(who.label(), kib as f64 / 1024.0);
         wall.insert(who.label(), t);
+        cpu.entry(who.label()).or_default().push(used);
     }
     let mut row = Row::new(
         "5",
@@ -1118,7 +1217,85 @@ fn peak_rss(upstream: &Registry, big: &BenchImage, clients: usize) -> Vec<Row> {
     row.ferry = format!("{:.1} MiB ({})", hwm["ferry"], secs(wall["ferry"]));
     row.dist = format!("{:.1} MiB ({})", hwm["distribution"], secs(wall["distribution"]));
     row.ratio = format!("Ferry ÷ Dist {}", times(hwm["ferry"] / hwm["distribution"]));
-    vec![row]
+    vec![row, cpu_row("5", &cpu, COLD_CPU_TARGET)]
+}
+
+/// Scenario 6: every layer of `img` (distinct cold blobs, so nothing to coalesce) fetched at
+/// once, one blob GET per connection, through a fresh Ferry, a fresh Distribution proxy and
+/// straight from the upstream: aggregate throughput and server CPU.
+fn parallel_cold(upstream: &Registry, img: &BenchImage, rounds: usize) -> Vec<Row> {
+    let origin = upstream.url();
+    let bytes: u64 = img.image.layers.iter().map(|(_, size)| size).sum();
+    let mut mbs: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut cpu: HashMap<&str, Vec<CpuUse>> = HashMap::new();
+    for round in 0..rounds {
+        for who in rotated(&[Who::Direct, Who::Ferry, Who::Dist], round) {
+            let server = start_cold(who, &origin);
+            let (base, pid) = endpoint(server.as_ref(), &origin, upstream);
+            let meter = CpuMeter::start(pid, upstream.pid());
+            let wall = parallel_blobs(&base, img);
+            let used = meter.per_gib(bytes);
+            drop(server);
+            let speed = bytes as f64 / wall / 1e6;
+            progress(format!(
+                "6 round {}/{rounds}: {:<12} {} in {}, {speed:.0} MB/s, {used}",
+                round + 1,
+                who.label(),
+                human(bytes),
+                secs(wall)
+            ));
+            mbs.entry(who.label()).or_default().push(speed);
+            cpu.entry(who.label()).or_default().push(used);
+        }
+    }
+    let (direct, ferry, dist) = (&mbs["direct"], &mbs["ferry"], &mbs["distribution"]);
+    let what = format!(
+        "cold, {} distinct blobs fetched at once (1 GET each), loopback: aggregate MB/s",
+        layers_label(&img.image.layers.iter().map(|(_, size)| *size).collect::<Vec<u64>>())
+    );
+    let mut row = Row::new("6", what, "≥ 0.8x direct");
+    row.direct = format!("{:.0}", median(direct));
+    row.ferry = format!("{:.0} ({})", median(ferry), times(median(&ratios(ferry, direct))));
+    row.dist = format!("{:.0} ({})", median(dist), times(median(&ratios(dist, direct))));
+    row.ratio = format!(
+        "Ferry ÷ direct {}, Dist ÷ direct {}",
+        times(median(&ratios(ferry, direct))),
+        times(median(&ratios(dist, direct)))
+    );
+    vec![row, cpu_row("6", &cpu, COLD_CPU_TARGET)]
+}
+
+/// GETs every layer blob of `img` from `base` at once, each on its own connection, released
+/// together; each answer must be 200 with the blob's full length. Wall time until the last ends.
+fn parallel_blobs(base: &str, img: &BenchImage) -> f64 {
+    let layers = &img.image.layers;
+    let barrier = Barrier::new(layers.len() + 1);
+    thread::scope(|s| {
+        let handles: Vec<_> = layers
+            .iter()
+            .map(|(digest, size)| {
+                let barrier = &barrier;
+                s.spawn(move || -> Result<(), String> {
+                    let mut client = Client::new(IO_TIMEOUT);
+                    barrier.wait();
+                    let r = client
+                        .get(&format!("{base}/v2/{}/blobs/{digest}", img.repo), &[], 4096)
+                        .map_err(|e| format!("blob {digest} from {base}: {e}"))?;
+                    if r.status == 200 && r.len == *size {
+                        return Ok(());
+                    }
+                    let body = String::from_utf8_lossy(&r.body);
+                    Err(format!("blob {digest} from {base}: HTTP {}, {} of {size} bytes {body}", r.status, r.len))
+                })
+            })
+            .collect();
+        barrier.wait();
+        let t = Instant::now();
+        for h in handles {
+            h.join().unwrap_or_else(|_| Err("blob GET panicked".into())).unwrap_or_else(|e| panic!("{e}"));
+        }
+        t.elapsed().as_secs_f64()
+    })
 }
 
 /// Approximate size for labels (a layer blob is its content plus a tar header and trailer).
@@ -1193,9 +1370,11 @@ fn main() {
     let img_herd = make_image(root, "bench/herd", &plan.herd_layers, 3);
     let img_herd_shaped = make_image(root, "bench/herd-shaped", &plan.herd_shaped_layers, 4);
     let img_big = make_image(root, "bench/big", &[plan.big], 5);
+    // 2 GiB to generate and push in a full run: only when scenario 6 runs.
+    let img_parallel = plan.wants("6").then(|| make_image(root, "bench/parallel", &plan.parallel_layers, 6));
     let images = [&img_loop, &img_shaped, &img_herd, &img_herd_shaped, &img_big];
     progress("images generated; pushing to the upstream");
-    for img in images {
+    for img in images.into_iter().chain(&img_parallel) {
         push_image(&upstream.url(), img).unwrap_or_else(|e| panic!("push {}: {e}", img.repo));
     }
     progress("images pushed");
@@ -1207,12 +1386,14 @@ fn main() {
 
     if plan.wants("1a") {
         let what = format!("cold pull, manifest + {} layer, loopback: time ÷ direct", human(plan.loop_layer));
-        rows.push(cold_vs_direct("1a", what, &upstream, None, &img_loop, plan.rounds));
+        let target = "Ferry ≤ 1.6x direct, ≤ Dist";
+        rows.extend(cold_vs_direct("1a", what, target, &upstream, None, &img_loop, plan.rounds));
     }
     if plan.wants("1b") {
         let relay = Relay::start(upstream_addr, link.clone());
         let what = format!("cold pull, {} image, {shaped}: time ÷ direct", layers_label(&plan.shaped_layers));
-        rows.push(cold_vs_direct("1b", what, &upstream, Some(&relay), &img_shaped, plan.shaped_rounds));
+        let target = "Ferry ≤ 1.05x direct";
+        rows.extend(cold_vs_direct("1b", what, target, &upstream, Some(&relay), &img_shaped, plan.shaped_rounds));
     }
     let warm = (plan.wants("2") || plan.wants("4")).then(|| warm_servers(&upstream, &img_big));
     if let Some(warm) = &warm {
@@ -1246,6 +1427,9 @@ fn main() {
     if plan.wants("5") {
         rows.extend(peak_rss(&upstream, &img_big, plan.clients));
     }
+    if let Some(img) = &img_parallel {
+        rows.extend(parallel_cold(&upstream, img, plan.parallel_rounds));
+    }
 
     let total = started.elapsed().as_secs_f64();
     progress(format!("done in {total:.0} s"));
@@ -1256,13 +1440,16 @@ fn print_table(rows: &[Row], machine: &str, total: f64, plan: &Plan) {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\nFerry e2e bench ({}), {machine}; whole run {total:.0} s.\nMedians of {} rounds ({} shaped, {} herd, {} wrk), \
-         ratios are medians of per-round ratios; peers and Ferry alternate.\n",
+        "\nFerry e2e bench ({}), {machine}; whole run {total:.0} s.\nMedians of {} rounds ({} shaped, {} herd, {} wrk, {} parallel), \
+         ratios are medians of per-round ratios; peers and Ferry alternate.\nCPU rows: user+sys seconds of the \
+         server the clients talked to per GiB they received (direct: the upstream); a proxy's cell adds the \
+         upstream's CPU over the same transfer.\n",
         if plan.quick { "QUICK smoke run, not for quoting" } else { "cargo bench --bench e2e" },
         plan.rounds,
         plan.shaped_rounds,
         plan.herd_rounds,
         plan.wrk_rounds,
+        plan.parallel_rounds,
     );
     let header = ["#", "scenario", "Ferry", "Distribution proxy", "nginx sendfile", "direct", "ratio", "target"];
     let cells: Vec<[&str; 8]> = rows

@@ -8,7 +8,7 @@
 #
 # Installs the Debian packages the e2e bench drives when they are missing (as root, or through
 # sudo), builds Ferry in release and runs the bench against that binary. Environment passed
-# through: FERRY_BENCH_ONLY=1a,1b,2,3a,3b,4,5 (subset), FERRY_BENCH_QUICK=1 (smoke test),
+# through: FERRY_BENCH_ONLY=1a,1b,2,3a,3b,4,5,6 (subset), FERRY_BENCH_QUICK=1 (smoke test),
 # CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
