@@ -108,6 +108,10 @@ impl App {
         let bounds = crate::cache::Bounds {
             max_size: config.storage.max_size.map(|s| s.as_u64()),
             max_blob_size: config.limits.max_blob_size.as_u64(),
+            ring: crate::cache::RingBounds {
+                per_fetch: config.limits.fetch_ring.as_u64(),
+                budget: crate::cache::RingBudget::new(config.limits.fetch_ring_total.as_u64()),
+            },
         };
         let (clock, guard_private) = (Arc::new(crate::cache::SystemClock), hosted.is_some());
         let cache =

@@ -69,14 +69,14 @@ impl Cache {
     }
 
     /// Joins (or starts) the fetch of `digest` and, once an upstream answered, streams the
-    /// range asked for as the fetch writes it.
+    /// range asked for as the fetch receives it.
     async fn fetch_blob(
         self: &Arc<Self>,
         route: &Route,
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobAnswer, ProtocolError> {
-        let (fetch, relay, joined) = self.join_or_start(route, digest).await?;
+        let (fetch, joined) = self.join_or_start(route, digest).await?;
         self.count("blob", if joined { "coalesced" } else { "miss" });
         let mut rx = fetch.progress.clone();
         let progress = rx
@@ -87,7 +87,7 @@ impl Cache {
         if let Some(Err(e)) = progress.done {
             return Err(e);
         }
-        if progress.done.is_some() && progress.written == 0 && !progress.ready {
+        if progress.done.is_some() && progress.received == 0 && !progress.ready {
             return Err(internal("blob fetch ended without data", digest));
         }
         let size = progress.total;
@@ -102,7 +102,7 @@ impl Cache {
         Ok(BlobAnswer {
             size,
             range: span,
-            body: Some(tail_stream(fetch, relay, start, end)),
+            body: Some(tail_stream(fetch, start, end)),
             source: Source::Upstream(progress.upstream),
         })
     }

@@ -1,25 +1,27 @@
 //! The blob fetch: one task per cold digest, owned by no client, that streams the blob from the
-//! upstreams into a staging file while hashing, publishes its [`Progress`] to every reader, and
-//! commits the file once the digest matched.
+//! upstreams into its [`FrameRing`] (where readers that keep up take the frames as they are)
+//! and, through the [`StagingWriter`], into a hashed staging file, publishes its [`Progress`]
+//! to every reader, and commits the file once the digest matched.
 //!
 //! One fetch runs in three steps, each its own function:
 //! * attempt ([`Received::place`]): an upstream's answer, checked to continue the bytes already
 //!   received (a resume after a broken stream may start anywhere up to there);
-//! * copy ([`Received::copy`]): its body in batches, hashed, then written to the staging file,
-//!   or relayed in memory when the disk refuses it;
+//! * copy ([`Received::copy`]): its body, frame batches into the ring at once and to the
+//!   writer behind (the disk refusing it only means the blob is not cached);
 //! * verify ([`Received::verify`]): the digest verdict, and who is blamed for a mismatch.
 
-use std::io;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
 use http::Method;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
+use super::ring::{FrameRing, RingBudget};
+use super::writer::{Outcome, StagingWriter, MIN_BATCH};
 use super::Cache;
 use crate::config::Capability;
-use crate::distribution::{internal, Digest, DigestVerifier, ErrorCode, ProtocolError, RepoName};
+use crate::distribution::{internal, Digest, ErrorCode, ProtocolError, RepoName};
 use crate::metrics::Metrics;
 use crate::registry::Route;
 use crate::storage::{Staged, READ_CHUNK};
@@ -31,38 +33,40 @@ pub(super) struct Progress {
     /// An upstream answered; `total` is known if it sent a length.
     pub(super) ready: bool,
     pub(super) total: Option<u64>,
-    /// Bytes written to the staging file (readable).
-    pub(super) written: u64,
+    /// Bytes received and kept: in the fetch's ring, or (older ones) in the staging file.
+    pub(super) received: u64,
     /// Set once: verified (`Ok`) or failed.
     pub(super) done: Option<Result<(), ProtocolError>>,
     /// The upstream currently streaming.
     pub(super) upstream: String,
-    /// Set when the disk refused a write: bytes from this offset on are relayed in memory to
-    /// the clients already reading, and the blob will not be cached.
+    /// Set when the disk refused a write: bytes from this offset on are only in memory (the
+    /// ring), and the blob will not be cached.
     pub(super) relay_from: Option<u64>,
 }
 
-/// Bytes relayed in memory once the disk refused them: `(offset in the blob, bytes)`.
-pub(super) type Relayed = (u64, Bytes);
-
-/// Batches a relay may queue for a reader before the reader is dropped as too slow: the bound
-/// on memory when the disk is full (batches are at most a few MiB each, usually far less).
-const RELAY_CAPACITY: usize = 64;
+/// How much memory fetches keep for their readers (`limits.fetch_ring`, `fetch_ring_total`).
+#[derive(Clone, Debug)]
+pub struct RingBounds {
+    /// Durable frames one fetch keeps for readers that keep up.
+    pub per_fetch: u64,
+    /// What all fetches keep together.
+    pub budget: Arc<RingBudget>,
+}
 
 /// A fetch in progress, as its readers see it.
 pub(super) struct BlobFetch {
     /// The staging file, or `None` when it could not even be created (relay from byte 0).
     pub(super) staged: Option<Arc<Staged>>,
     pub(super) progress: watch::Receiver<Progress>,
-    pub(super) relay: broadcast::Sender<Relayed>,
+    /// The recent frames, shared with every reader.
+    pub(super) ring: FrameRing,
 }
 
-/// A fetch to read, the reader's relay subscription, and whether it was joined (not started).
-pub(super) type Joined = (Arc<BlobFetch>, broadcast::Receiver<Relayed>, bool);
+/// A fetch to read, and whether it was joined (not started).
+pub(super) type Joined = (Arc<BlobFetch>, bool);
 
 impl Cache {
-    /// Joins the fetch in progress for `digest`, or starts one. The relay receiver is taken
-    /// here, before any byte can be relayed, so a reader never misses relayed bytes it needs.
+    /// Joins the fetch in progress for `digest`, or starts one.
     pub(super) async fn join_or_start(
         self: &Arc<Self>,
         route: &Route,
@@ -82,14 +86,17 @@ impl Cache {
             }
         };
         let (tx, rx) = watch::channel(Progress { relay_from: staged.is_none().then_some(0), ..Progress::default() });
-        let (relay, relay_rx) = broadcast::channel(RELAY_CAPACITY);
-        let fetch = Arc::new(BlobFetch { staged: staged.clone(), progress: rx, relay });
+        let ring = FrameRing::new(self.ring.per_fetch, self.ring.budget.clone());
+        if staged.is_none() {
+            ring.relay();
+        }
+        let fetch = Arc::new(BlobFetch { staged: staged.clone(), progress: rx, ring });
         if staged.is_some() {
             let mut map = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?;
             if let Some(f) = map.get(digest) {
                 // Someone started it while we were creating our staging file (ours is dropped).
                 if f.progress.borrow().relay_from.is_none() {
-                    return Ok((f.clone(), f.relay.subscribe(), true));
+                    return Ok((f.clone(), true));
                 }
             }
             map.insert(digest.clone(), fetch.clone());
@@ -101,34 +108,25 @@ impl Cache {
             // Cleans up however the task ends, a panic included: a fetch left in the map
             // without a verdict would hang or fail every later request for this digest.
             let guard = FetchGuard { cache: this.clone(), digest, me, tx };
-            this.fetch_task(&pool, &repo, staged, guard).await;
+            this.fetch_task(&pool, &repo, guard).await;
         });
-        Ok((fetch, relay_rx, false))
+        Ok((fetch, false))
     }
 
     /// A fetch in progress that can still be joined: one that is writing to disk. One that is
-    /// relaying (the disk refused it) cannot give a newcomer the bytes already relayed.
+    /// relaying (the disk refused it) cannot give a newcomer the bytes that left its ring.
     fn try_join(&self, digest: &Digest) -> Result<Option<Joined>, ProtocolError> {
         let map = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?;
-        Ok(map
-            .get(digest)
-            .filter(|f| f.progress.borrow().relay_from.is_none())
-            .map(|f| (f.clone(), f.relay.subscribe(), true)))
+        Ok(map.get(digest).filter(|f| f.progress.borrow().relay_from.is_none()).map(|f| (f.clone(), true)))
     }
 
     /// The body of a fetch's task: the fetch, the verdict to every reader, then the commit.
-    async fn fetch_task(&self, pool: &Pool, repo: &RepoName, staged: Option<Arc<Staged>>, guard: FetchGuard) {
+    async fn fetch_task(&self, pool: &Pool, repo: &RepoName, guard: FetchGuard) {
         let digest = guard.digest.clone();
-        let result = self.run_fetch(pool, repo, &digest, staged.as_ref(), &guard.tx, &guard.me.relay).await;
+        let staged = guard.me.staged.clone();
+        // `staged_bytes`: what went to the staging file (and counted against max_size).
+        let (result, staged_bytes) = self.run_fetch(pool, repo, &digest, &guard.me, &guard.tx).await;
         let cacheable = guard.tx.borrow().relay_from.is_none();
-        // What reached the staging file (and was counted against max_size while it ran).
-        let staged_bytes = match staged {
-            Some(_) => {
-                let p = guard.tx.borrow();
-                p.relay_from.unwrap_or(p.written)
-            }
-            None => 0,
-        };
         let (result, to_commit) = match (result, staged) {
             (Ok(size), Some(staged)) if cacheable => (Ok(()), Some((staged, size))),
             (Ok(_), _) => (Ok(()), None),
@@ -153,6 +151,7 @@ impl Cache {
         }
         // Leaves the map only now: a newcomer before the commit joins this verified fetch,
         // one after it finds the blob on disk.
+        guard.me.ring.release();
         drop(guard);
         self.evictor.staged_done(staged_bytes);
         if let Some(size) = committed {
@@ -160,64 +159,64 @@ impl Cache {
         }
     }
 
-    /// Streams the blob into the staging file from the first upstream that can, resuming with
-    /// `Range` (or re-reading and discarding) when a stream breaks, then verifies the digest.
-    /// Returns the blob's size.
+    /// Streams the blob from the first upstream that can, resuming with `Range` (or re-reading
+    /// and discarding) when a stream breaks, then verifies the digest. Returns the blob's size
+    /// (or the failure), and how many bytes went to the staging file.
     async fn run_fetch(
         &self,
         pool: &Pool,
         repo: &RepoName,
         digest: &Digest,
-        staged: Option<&Arc<Staged>>,
+        fetch: &BlobFetch,
         tx: &watch::Sender<Progress>,
-        relay: &broadcast::Sender<Relayed>,
-    ) -> Result<u64, ProtocolError> {
+    ) -> (Result<u64, ProtocolError>, u64) {
         let req = UpstreamRequest::new(Method::GET, repo, format!("blobs/{digest}"), Capability::Pull);
         let mut attempts = pool.attempts(req);
         let mut received = Received {
-            staged,
+            fetch,
             tx,
-            relay,
             metrics: &self.metrics,
-            hasher: DigestVerifier::new(),
-            written: 0,
+            writer: StagingWriter::new(fetch.staged.clone()),
+            kept: 0,
             total: None,
-            held: None,
             // The size a manifest Ferry served declared, when known, and never past the limit.
             limit: self.declared.get(digest).await.unwrap_or(u64::MAX).min(self.max_blob_size),
             evictor: &self.evictor,
+            staged_bytes: 0,
         };
-        let upstream = loop {
-            attempts.resume_from(received.written);
-            let Some(answer) = attempts.next().await else {
-                return Err(attempts.into_error(ErrorCode::BlobUnknown, &format!("blob {digest}")));
-            };
-            if let Some(upstream) = received.attempt(answer, &mut attempts).await? {
-                break upstream;
+        let upstream = match received.fetch(&mut attempts).await {
+            Ok(Some(upstream)) => upstream,
+            Ok(None) => {
+                let error = attempts.into_error(ErrorCode::BlobUnknown, &format!("blob {digest}"));
+                return (Err(error), received.staged_bytes);
             }
+            Err(e) => return (Err(e), received.staged_bytes),
         };
-        received.verify(digest, pool, &upstream, attempts.tried())
+        if let Err(e) = received.finish().await {
+            return (Err(e), received.staged_bytes);
+        }
+        let staged_bytes = received.staged_bytes;
+        (received.verify(digest, pool, &upstream, attempts.tried()), staged_bytes)
     }
 }
 
 /// What one fetch has received so far, across the upstreams it asked, and where it goes.
 struct Received<'a> {
-    staged: Option<&'a Arc<Staged>>,
+    fetch: &'a BlobFetch,
     tx: &'a watch::Sender<Progress>,
-    relay: &'a broadcast::Sender<Relayed>,
     metrics: &'a Metrics,
-    hasher: DigestVerifier,
-    /// Bytes received and kept (written to the staging file or relayed).
-    written: u64,
+    /// Hashes every byte kept and stages it.
+    writer: StagingWriter,
+    /// Bytes received and kept (in the ring, and handed to the writer).
+    kept: u64,
     /// The blob's size, once an upstream announced it.
     total: Option<u64>,
-    /// In relay mode the newest batch is held back until the digest is verified, so a
-    /// corrupt blob never reaches a client complete.
-    held: Option<Relayed>,
     /// Most bytes this blob may have: an endless body is cut off here.
     limit: u64,
     /// Staged bytes count against `storage.max_size` while the fetch runs.
     evictor: &'a super::Evictor,
+    /// Bytes handed to the staging file.
+    staged_bytes: u64,
 }
 
 /// How a body ended within a batch.
@@ -234,7 +233,25 @@ struct Batch {
     end: Option<End>,
 }
 
+/// What the copy loop waits for next.
+enum Step {
+    Received(Batch),
+    Written(Option<Outcome>),
+}
+
 impl Received<'_> {
+    /// Asks the upstreams in turn until one sent the whole body; returns that one, or `None`
+    /// when every upstream was tried.
+    async fn fetch(&mut self, attempts: &mut Attempts<'_>) -> Result<Option<Arc<Upstream>>, ProtocolError> {
+        loop {
+            attempts.resume_from(self.kept);
+            let Some(answer) = attempts.next().await else { return Ok(None) };
+            if let Some(upstream) = self.attempt(answer, attempts).await? {
+                return Ok(Some(upstream));
+            }
+        }
+    }
+
     /// Takes one upstream answer and copies its body. `Some(upstream)` once the body ended
     /// whole; `None` when this upstream was given up on (told to `attempts`: the next attempt
     /// resumes from what was kept).
@@ -255,7 +272,7 @@ impl Received<'_> {
         match self.copy(response.bytes_stream(), discard, &name).await? {
             Ok(()) => Ok(Some(upstream)),
             Err(reason) => {
-                tracing::warn!(upstream = %name, %reason, written = self.written, "blob stream broke; resuming");
+                tracing::warn!(upstream = %name, %reason, kept = self.kept, "blob stream broke; resuming");
                 attempts.failed(&upstream, reason);
                 Ok(None)
             }
@@ -268,7 +285,7 @@ impl Received<'_> {
     fn place(&mut self, response: &reqwest::Response, name: &str) -> Result<u64, Reason> {
         let (body_start, body_total) =
             body_span(response).ok_or_else(|| Reason::Body("unusable Content-Range".into()))?;
-        if body_start > self.written || (self.total.is_some() && body_total.is_some() && self.total != body_total) {
+        if body_start > self.kept || (self.total.is_some() && body_total.is_some() && self.total != body_total) {
             return Err(Reason::Body("answer does not continue the bytes already received".into()));
         }
         if body_total.is_some_and(|t| t > self.limit) {
@@ -281,36 +298,56 @@ impl Received<'_> {
             p.total = total;
             p.upstream = name.to_owned();
         });
-        Ok(self.written - body_start)
+        Ok(self.kept - body_start)
     }
 
-    /// Copies one body, skipping its first `discard` bytes. `Ok(Err(reason))`: it broke (or
-    /// overran the announced size); the bytes kept so far stay.
+    /// Copies one body, skipping its first `discard` bytes, while the writer hashes and stages
+    /// the batches behind it. `Ok(Err(reason))`: it broke (or overran the announced size); the
+    /// bytes kept so far stay.
     async fn copy<S>(&mut self, mut body: S, mut discard: u64, name: &str) -> Result<Result<(), Reason>, ProtocolError>
     where
         S: Stream<Item = reqwest::Result<Bytes>> + Unpin,
     {
         loop {
-            let Batch { mut bufs, received, end } = next_batch(&mut body).await;
+            let step = if self.writer.full() {
+                Step::Written(self.writer.wait().await?)
+            } else if self.writer.busy() {
+                tokio::select! {
+                    biased;
+                    written = self.writer.wait() => Step::Written(written?),
+                    // Cancel-safe: `next_batch` awaits only for its first piece.
+                    batch = next_batch(&mut body) => Step::Received(batch),
+                }
+            } else {
+                Step::Received(next_batch(&mut body).await)
+            };
+            let Batch { mut bufs, received, end } = match step {
+                Step::Written(outcome) => {
+                    self.written(outcome);
+                    self.start_batch(MIN_BATCH).await;
+                    continue;
+                }
+                Step::Received(batch) => batch,
+            };
             self.metrics.upstream_bytes.with_label_values(&[name]).inc_by(received as u64);
             skip_prefix(&mut bufs, &mut discard);
             let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-            if self.total.is_some_and(|t| self.written + len > t) {
+            if self.total.is_some_and(|t| self.kept + len > t) {
                 return Ok(Err(Reason::Body("more bytes than announced".into())));
             }
-            if self.written + len > self.limit {
+            if self.kept + len > self.limit {
                 return Ok(Err(Reason::Body(format!("longer than the {} bytes this blob may have", self.limit))));
             }
             if len > 0 {
-                self.keep(bufs, len).await?;
+                self.keep(bufs, len).await;
             }
             match end {
                 None => {}
                 Some(End::Broke(reason)) => return Ok(Err(reason)),
                 Some(End::Closed) => {
                     return Ok(match self.total {
-                        Some(t) if self.written < t => {
-                            Err(Reason::Body(format!("closed after {} of {t} bytes", self.written)))
+                        Some(t) if self.kept < t => {
+                            Err(Reason::Body(format!("closed after {} of {t} bytes", self.kept)))
                         }
                         _ => Ok(()),
                     })
@@ -319,57 +356,58 @@ impl Received<'_> {
         }
     }
 
-    /// Hashes a batch and writes it to the staging file, or relays it in memory once the disk
-    /// refused (or never had) this blob; then publishes the new length.
-    async fn keep(&mut self, bufs: Vec<Bytes>, len: u64) -> Result<(), ProtocolError> {
-        let relay_from = self.tx.borrow().relay_from;
-        match (relay_from, self.staged) {
-            (None, Some(staged)) => {
-                let hasher = std::mem::take(&mut self.hasher);
-                let (hasher, bufs, res) = hash_and_write(staged.clone(), hasher, bufs, self.written).await?;
-                self.hasher = hasher;
-                if let Err(e) = res {
-                    // Disk full or failing: keep serving the clients already here from
-                    // memory; this blob will not be cached.
-                    self.metrics.cache_write_errors.inc();
-                    tracing::warn!(error = %e, at = self.written, "staging write failed; streaming the rest uncached");
-                    let at = self.written;
-                    self.tx.send_modify(|p| p.relay_from = Some(at));
-                    // The batch was hashed already: relay it without hashing again.
-                    self.relay_batch(bufs);
-                }
-            }
-            _ => {
-                for b in &bufs {
-                    self.hasher.update(b);
-                }
-                self.relay_batch(bufs);
-            }
-        }
-        self.written += len;
-        let written = self.written;
-        self.tx.send_modify(|p| p.written = written);
-        if relay_from.is_none() && self.staged.is_some() {
-            self.evictor.staging(len).await;
-        }
-        Ok(())
+    /// Shares a batch with the readers (the ring), publishes the new length, and queues it
+    /// for the writer.
+    async fn keep(&mut self, bufs: Vec<Bytes>, len: u64) {
+        let received = self.fetch.ring.push(&bufs);
+        self.kept += len;
+        debug_assert_eq!(received, self.kept);
+        self.tx.send_modify(|p| p.received = received);
+        self.writer.add(bufs, len);
+        self.start_batch(MIN_BATCH).await;
     }
 
-    /// Queues `bufs` (at the current length) as the held-back batch and relays the previous one.
-    fn relay_batch(&mut self, bufs: Vec<Bytes>) {
-        if let Some(prev) = self.held.take() {
-            // Nobody listening is fine: every reader may have gone.
-            let _ = self.relay.send(prev);
+    /// Starts the writer on the pending bytes if it is idle and `min` are there.
+    async fn start_batch(&mut self, min: u64) {
+        let staging = self.writer.start(min);
+        if staging > 0 {
+            self.staged_bytes += staging;
+            self.evictor.staging(staging).await;
         }
-        let joined: Bytes =
-            if bufs.len() == 1 { bufs.into_iter().next().unwrap_or_default() } else { bufs.concat().into() };
-        self.held = Some((self.written, joined));
     }
 
-    /// The digest verdict once `upstream` ended the body. On a match the held-back batch goes
-    /// out and the size is returned. On a mismatch the one upstream that sent every byte is
-    /// benched at once; when `tried` shows bytes may have come from several, which one lied
-    /// is unknown, so each gets an ordinary failure instead.
+    /// A batch is done: its bytes are in the file now (readers behind the ring may read them
+    /// there), or the disk refused it and the rest of the blob is relayed uncached.
+    fn written(&mut self, outcome: Option<Outcome>) {
+        match outcome {
+            Some(Outcome::Durable { end }) => self.fetch.ring.durable_to(end),
+            Some(Outcome::Refused { at, error }) => {
+                // Disk full or failing: keep serving the clients already here from memory;
+                // this blob will not be cached.
+                self.metrics.cache_write_errors.inc();
+                tracing::warn!(%error, at, "staging write failed; streaming the rest uncached");
+                self.fetch.ring.relay();
+                self.tx.send_modify(|p| p.relay_from = Some(at));
+            }
+            Some(Outcome::Hashed) | None => {}
+        }
+    }
+
+    /// Hands the last bytes to the writer and waits until every batch is done.
+    async fn finish(&mut self) -> Result<(), ProtocolError> {
+        loop {
+            self.start_batch(0).await;
+            match self.writer.wait().await? {
+                Some(outcome) => self.written(Some(outcome)),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// The digest verdict once `upstream` ended the body (every batch hashed). On a mismatch
+    /// the one upstream that sent every byte is benched at once; when `tried` shows bytes may
+    /// have come from several, which one lied is unknown, so each gets an ordinary failure
+    /// instead. Returns the size.
     fn verify(
         self,
         digest: &Digest,
@@ -377,10 +415,10 @@ impl Received<'_> {
         upstream: &Upstream,
         tried: &[(String, Reason)],
     ) -> Result<u64, ProtocolError> {
-        let got = self.hasher.finish();
+        let got = self.writer.digest().ok_or_else(|| internal("blob verified before it was hashed", digest))?;
         if got != *digest {
             self.metrics.digest_mismatches.inc();
-            let resumed = !tried.is_empty() && self.written > 0;
+            let resumed = !tried.is_empty() && self.kept > 0;
             if resumed {
                 let reason = Reason::Body("digest mismatch in a resumed blob".into());
                 upstream.report_failure(&reason);
@@ -398,11 +436,7 @@ impl Received<'_> {
                 format!("upstream {} sent bytes that do not match {digest}", upstream.name()),
             ));
         }
-        if let Some(last) = self.held {
-            // Nobody listening is fine: every reader may have gone.
-            let _ = self.relay.send(last);
-        }
-        Ok(self.written)
+        Ok(self.kept)
     }
 }
 
@@ -446,24 +480,6 @@ fn skip_prefix(bufs: &mut Vec<Bytes>, discard: &mut u64) {
             *discard = 0;
         }
     }
-}
-
-/// Hashes `bufs` and writes them at `at` in the staging file, on the blocking pool (the bytes
-/// move there, no copy); hands back the hasher, the bytes (to relay if the write failed) and
-/// the write's outcome.
-async fn hash_and_write(
-    staged: Arc<Staged>,
-    mut hasher: DigestVerifier,
-    bufs: Vec<Bytes>,
-    at: u64,
-) -> Result<(DigestVerifier, Vec<Bytes>, io::Result<()>), ProtocolError> {
-    tokio::task::spawn_blocking(move || {
-        bufs.iter().for_each(|b| hasher.update(b));
-        let res = staged.write_all_at(&bufs, at);
-        (hasher, bufs, res)
-    })
-    .await
-    .map_err(|e| internal("hash task failed", e))
 }
 
 /// Ends a blob fetch however its task ends: a verdict for every reader (a failure if none was

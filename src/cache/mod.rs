@@ -5,13 +5,17 @@
 //! * `coalesce`: the manifest single-flight (one upstream fetch per key at a time).
 //! * `blobs`: blob hits, HEAD, and misses joining a fetch.
 //! * `fetch`: the blob fetch task (attempt, copy, verify) and how readers join it.
+//! * `ring`: the bounded ring of recent frames a fetch shares with its readers.
+//! * `writer`: hashes and stages a fetch's bytes, one batch in flight.
 //! * `tail`: the reader that follows a fetch in progress.
 //! * [`eviction`](Evictor), [`admin`], [`clock`](Clock).
 //!
-//! A blob fetch is a task of its own, owned by no client. It writes into a staging file while
-//! hashing and publishes how many bytes are written; every client (the first one included)
-//! streams from that file up to the published length. The last byte is held back until the
-//! digest is verified, so a corrupt fetch aborts every response rather than completing it.
+//! A blob fetch is a task of its own, owned by no client. It puts each batch of body frames in
+//! a bounded ring and publishes how many bytes it received; every client (the first one
+//! included) sends those same frames, and only one that fell behind the ring reads the staging
+//! file the writer fills (hashing as it goes, overlapped with receiving). The last byte is held
+//! back until the digest is verified, so a corrupt fetch aborts every response rather than
+//! completing it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,12 +37,16 @@ mod coalesce;
 mod eviction;
 mod fetch;
 mod manifests;
+mod ring;
 mod tail;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use eviction::Evictor;
+pub use fetch::RingBounds;
+pub use ring::RingBudget;
 
 use coalesce::ManifestFlights;
 use fetch::BlobFetch;
@@ -62,17 +70,21 @@ pub struct Cache {
     guard_private: bool,
     /// Largest blob fetched (`limits.max_blob_size`).
     max_blob_size: u64,
+    /// What fetches keep in memory for their readers.
+    ring: RingBounds,
     /// Blob sizes that manifests Ferry holds declare: a fetch never takes more than that.
     declared: moka::future::Cache<Digest, u64>,
 }
 
-/// How much the cache may hold: cached blobs in total, and one blob.
-#[derive(Clone, Copy, Debug)]
+/// How much the cache may hold: cached blobs in total, one blob, and fetches in memory.
+#[derive(Clone, Debug)]
 pub struct Bounds {
     /// `storage.max_size`: cached blobs (and fetches in progress) together; `None`: unbounded.
     pub max_size: Option<u64>,
     /// `limits.max_blob_size`.
     pub max_blob_size: u64,
+    /// `limits.fetch_ring` and `limits.fetch_ring_total`.
+    pub ring: RingBounds,
 }
 
 /// Sizes remembered from manifests (an entry is ~100 bytes).
@@ -114,6 +126,7 @@ impl Cache {
             evictor,
             guard_private,
             max_blob_size: bounds.max_blob_size,
+            ring: bounds.ring,
             declared: moka::future::Cache::new(DECLARED_CAPACITY),
         })
     }

@@ -163,11 +163,17 @@ struct Harness {
     storage: Arc<dyn Storage>,
     metrics: Arc<Metrics>,
     route: Route,
+    /// What the rings of every fetch hold together.
+    ring_budget: Arc<super::RingBudget>,
     dir: tempfile::TempDir,
 }
 
 /// Where the manual clock starts: any fixed time works, as long as it is not the real one.
 const T0: u64 = 1_000_000;
+
+/// Each fetch's ring in these tests: small, so that a late or slow reader has to read the
+/// staging file for most of a blob.
+const RING: u64 = 512 * 1024;
 
 const TAG_TTL: u64 = 300;
 const SERVE_STALE: u64 = 3600;
@@ -195,10 +201,12 @@ impl Harness {
         };
         let clock = Arc::new(ManualClock::new(T0));
         let pools = HashMap::from([("docker.io".to_owned(), pool)]);
-        let bounds = super::Bounds { max_size: None, max_blob_size };
+        let ring_budget = super::RingBudget::new(64 * RING);
+        let ring = super::RingBounds { per_fetch: RING, budget: ring_budget.clone() };
+        let bounds = super::Bounds { max_size: None, max_blob_size, ring };
         let cache = Cache::new(storage.clone(), pools, config, bounds, false, metrics.clone(), clock.clone());
         let route = Route { registry: "docker.io".into(), repo: RepoName::parse("library/app").unwrap() };
-        Harness { cache, clock, upstream, storage, metrics, route, dir }
+        Harness { cache, clock, upstream, storage, metrics, route, ring_budget, dir }
     }
 
     async fn tag(&self, tag: &str) -> Result<Source, ErrorCode> {
@@ -275,7 +283,7 @@ async fn feed_until_written(
     total: usize,
 ) {
     feed(tx, bytes);
-    progress.wait_for(|p| p.written >= total as u64).await.unwrap();
+    progress.wait_for(|p| p.received >= total as u64).await.unwrap();
 }
 
 /// Everything a body stream gave, and the error that ended it, if one did.
@@ -522,7 +530,7 @@ async fn a_blob_longer_than_it_may_be_is_cut_off_and_never_cached() {
         });
         let mut most = 0;
         while progress.changed().await.is_ok() {
-            most = most.max(progress.borrow().written);
+            most = most.max(progress.borrow().received);
         }
         assert!(most <= LIMIT, "{most} bytes kept of a blob that may have {LIMIT}");
         let (got, err) = reader.into_iter().next().unwrap().await.unwrap();
@@ -531,6 +539,59 @@ async fn a_blob_longer_than_it_may_be_is_cut_off_and_never_cached() {
         assert_eq!(h.staging_files(), 0, "the staging file was left behind");
         drop(tx);
         drain.abort();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_that_keep_up_are_sent_the_frames_the_fetch_received() {
+    within(async {
+        let mut h = Harness::start().await;
+        let (blob, digest) = h.cold_blob(4 << 20, false);
+        let mut bodies = vec![h.get_blob(&digest).await, h.get_blob(&digest).await];
+        let (mut progress, tx) = h.in_flight(&digest).await;
+        feed_until_written(&tx, &mut progress, blob.slice(..128 * 1024), 128 * 1024).await;
+
+        // Both readers' first chunk is the same memory: the frame the upstream filled, not a
+        // copy of it and not a read of the staging file.
+        let a = bodies[0].next().await.unwrap().unwrap();
+        let b = bodies[1].next().await.unwrap().unwrap();
+        assert!(!a.is_empty() && a == blob.slice(..a.len()));
+        assert_eq!(a.as_ptr(), b.as_ptr(), "the readers were sent copies");
+        assert!(h.ring_budget.held() > 0);
+
+        feed(&tx, blob.slice(128 * 1024..));
+        drop(tx);
+        let rest = spawn_readers(bodies);
+        for r in rest {
+            let (got, err) = r.await.unwrap();
+            assert!(err.is_none(), "{err:?}");
+            assert!([&a[..], &got[..]].concat() == blob, "a reader did not get the blob");
+        }
+        ended(progress).await;
+        assert_eq!(h.ring_budget.held(), 0, "an ended fetch still holds ring memory");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_does_not_read_holds_up_neither_the_fetch_nor_the_others() {
+    within(async {
+        let mut h = Harness::start().await;
+        // Eight rings' worth: the ring cannot keep it all for the reader that does not read.
+        let (blob, digest) = h.cold_blob(8 * RING as usize, false);
+        let stalled = h.get_blob(&digest).await;
+        let reading = spawn_readers(vec![h.get_blob(&digest).await]);
+        let (progress, tx) = h.in_flight(&digest).await;
+        feed(&tx, blob.clone());
+        drop(tx);
+        assert_got(reading, &blob).await;
+        ended(progress).await;
+        assert_eq!(h.storage.blob_size(&digest).await.unwrap(), Some(blob.len() as u64), "the blob was not cached");
+        assert_eq!(h.ring_budget.held(), 0);
+
+        // The stalled reader still gets every byte, from the file the fetch left behind.
+        assert_got(spawn_readers(vec![stalled]), &blob).await;
     })
     .await
 }

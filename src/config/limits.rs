@@ -31,6 +31,13 @@ pub struct LimitsConfig {
     pub max_blob_size: ByteSize,
     /// Upload sessions one user may have open at once.
     pub max_upload_sessions_per_user: usize,
+    /// Received bytes one blob fetch keeps in memory for the clients reading it, so that they
+    /// send the frames the fetch received instead of reading them back from disk. A client
+    /// further behind reads the staging file; nothing waits for it.
+    pub fetch_ring: ByteSize,
+    /// What all blob fetches keep in memory for their readers together (`fetch_ring` each, at
+    /// most). Bytes not yet on disk are kept regardless: at most 4 MiB per fetch.
+    pub fetch_ring_total: ByteSize,
 }
 
 impl Default for LimitsConfig {
@@ -42,6 +49,8 @@ impl Default for LimitsConfig {
             max_buffered: ByteSize::mib(256),
             max_blob_size: ByteSize::gib(64),
             max_upload_sessions_per_user: 64,
+            fetch_ring: ByteSize::mib(8),
+            fetch_ring_total: ByteSize::mib(256),
         }
     }
 }
@@ -59,6 +68,9 @@ impl LimitsConfig {
             }
             l if l.max_blob_size.as_u64() == 0 => zero("max_blob_size"),
             l if l.max_upload_sessions_per_user == 0 => zero("max_upload_sessions_per_user"),
+            l if l.fetch_ring_total < l.fetch_ring => {
+                Err(ConfigError::new("limits.fetch_ring_total", "must be at least limits.fetch_ring"))
+            }
             _ => Ok(()),
         }
     }
