@@ -119,13 +119,10 @@ impl FrameRing {
     pub(super) fn release(&self) {
         let mut s = self.lock();
         while let Some((at, frame)) = s.frames.front() {
-            let len = frame.len() as u64;
-            if s.relaying || at + len > s.durable {
+            if s.relaying || at + frame.len() as u64 > s.durable {
                 break;
             }
-            s.frames.pop_front();
-            s.bytes -= len;
-            self.budget.held.fetch_sub(len, Ordering::Relaxed);
+            self.drop_oldest(&mut s);
         }
     }
 
@@ -165,7 +162,14 @@ impl FrameRing {
             if !(over && evictable) {
                 break;
             }
-            s.frames.pop_front();
+            self.drop_oldest(s);
+        }
+    }
+
+    /// Lets go of the oldest frame, and gives its bytes back to the budget.
+    fn drop_oldest(&self, s: &mut State) {
+        if let Some((_, frame)) = s.frames.pop_front() {
+            let len = frame.len() as u64;
             s.bytes -= len;
             self.budget.held.fetch_sub(len, Ordering::Relaxed);
         }
