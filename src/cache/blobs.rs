@@ -76,9 +76,9 @@ impl Cache {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobAnswer, ProtocolError> {
-        let (fetch, joined) = self.join_or_start(route, digest).await?;
+        let (reader, joined) = self.join_or_start(route, digest).await?;
         self.count("blob", if joined { "coalesced" } else { "miss" });
-        let mut rx = fetch.progress.clone();
+        let mut rx = reader.progress();
         let progress = rx
             .wait_for(|p| p.ready || p.done.is_some())
             .await
@@ -102,7 +102,7 @@ impl Cache {
         Ok(BlobAnswer {
             size,
             range: span,
-            body: Some(tail_stream(fetch, start, end)),
+            body: Some(tail_stream(reader, start, end)),
             source: Source::Upstream(progress.upstream),
         })
     }

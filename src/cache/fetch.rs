@@ -18,6 +18,7 @@ use http::Method;
 use tokio::sync::watch;
 
 use super::ring::{FrameRing, RingBudget};
+use super::tail::Reader;
 use super::writer::{Outcome, StagingWriter, MIN_BATCH};
 use super::Cache;
 use crate::config::Capability;
@@ -62,8 +63,8 @@ pub(super) struct BlobFetch {
     pub(super) ring: FrameRing,
 }
 
-/// A fetch to read, and whether it was joined (not started).
-pub(super) type Joined = (Arc<BlobFetch>, bool);
+/// A reader of a fetch, and whether the fetch was joined (not started).
+pub(super) type Joined = (Reader, bool);
 
 impl Cache {
     /// Joins the fetch in progress for `digest`, or starts one.
@@ -87,18 +88,19 @@ impl Cache {
         };
         let (tx, rx) = watch::channel(Progress { relay_from: staged.is_none().then_some(0), ..Progress::default() });
         let ring = FrameRing::new(self.ring.per_fetch, self.ring.budget.clone());
-        if staged.is_none() {
-            ring.relay();
-        }
         let fetch = Arc::new(BlobFetch { staged: staged.clone(), progress: rx, ring });
-        if staged.is_some() {
+        // Our reader joins before the fetch can receive a byte, so none leaves unseen.
+        let reader = Reader::join(&fetch).ok_or_else(|| internal("a new fetch refused its reader", digest))?;
+        {
             let mut map = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?;
-            if let Some(f) = map.get(digest) {
-                // Someone started it while we were creating our staging file (ours is dropped).
-                if f.progress.borrow().relay_from.is_none() {
-                    return Ok((f.clone(), true));
-                }
+            // Someone started it while we were creating our staging file (ours is dropped).
+            if let Some(joined) = map.get(digest).and_then(Reader::join) {
+                return Ok((joined, true));
             }
+            if staged.is_none() {
+                fetch.ring.relay();
+            }
+            // Listed even without a staging file: others join while its ring has every byte.
             map.insert(digest.clone(), fetch.clone());
         }
         let this = self.clone();
@@ -110,14 +112,14 @@ impl Cache {
             let guard = FetchGuard { cache: this.clone(), digest, me, tx };
             this.fetch_task(&pool, &repo, guard).await;
         });
-        Ok((fetch, false))
+        Ok((reader, false))
     }
 
-    /// A fetch in progress that can still be joined: one that is writing to disk. One that is
-    /// relaying (the disk refused it) cannot give a newcomer the bytes that left its ring.
+    /// A fetch in progress that can still be joined: one that is writing to disk, or one
+    /// relaying (the disk refused it) whose ring still holds every byte not in the file.
     fn try_join(&self, digest: &Digest) -> Result<Option<Joined>, ProtocolError> {
         let map = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?;
-        Ok(map.get(digest).filter(|f| f.progress.borrow().relay_from.is_none()).map(|f| (f.clone(), true)))
+        Ok(map.get(digest).and_then(Reader::join).map(|r| (r, true)))
     }
 
     /// The body of a fetch's task: the fetch, the verdict to every reader, then the commit.
@@ -365,6 +367,8 @@ impl Received<'_> {
         self.tx.send_modify(|p| p.received = received);
         self.writer.add(bufs, len);
         self.start_batch(MIN_BATCH).await;
+        // Relaying (disk full), the ring is the only copy: wait for the slowest reader.
+        self.fetch.ring.room().await;
     }
 
     /// Starts the writer on the pending bytes if it is idle and `min` are there.

@@ -12,25 +12,54 @@ use futures_util::stream::{self, StreamExt};
 use tokio::sync::watch;
 
 use super::fetch::{BlobFetch, Progress};
-use super::ring::Slice;
+use super::ring::{ReaderId, Slice};
 use crate::storage::{ByteStream, HIT_CHUNK};
 
 /// Most bytes one reader takes from the ring at a time. What it took stays alive until it is
 /// sent, even once the ring let go of it, so this bounds what a slow reader pins.
 const TAKE: u64 = 256 * 1024;
 
+/// A reader of a fetch, known to its ring from when the fetch was joined until it is dropped
+/// (a relaying ring keeps the frames its readers still need, and waits for them).
+pub(super) struct Reader {
+    fetch: Arc<BlobFetch>,
+    id: ReaderId,
+}
+
+impl Reader {
+    /// Joins `fetch`'s readers; `None` once it is relaying (see [`FrameRing::join`]).
+    ///
+    /// [`FrameRing::join`]: super::ring::FrameRing::join
+    pub(super) fn join(fetch: &Arc<BlobFetch>) -> Option<Reader> {
+        let id = fetch.ring.join()?;
+        Some(Reader { fetch: fetch.clone(), id })
+    }
+
+    /// The fetch's progress.
+    pub(super) fn progress(&self) -> watch::Receiver<Progress> {
+        self.fetch.progress.clone()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.fetch.ring.leave(self.id);
+    }
+}
+
 /// Streams `start..end` of an in-progress (or finished) fetch as the bytes become available.
 /// The final byte waits for the digest verdict; a failed fetch ends the stream with an error,
 /// which aborts the client's response instead of completing it.
-pub(super) fn tail_stream(fetch: Arc<BlobFetch>, start: u64, end: Option<u64>) -> ByteStream {
-    let rx = fetch.progress.clone();
-    let tail = Tail { fetch, rx, pos: start, end, taken: VecDeque::new() };
+pub(super) fn tail_stream(reader: Reader, start: u64, end: Option<u64>) -> ByteStream {
+    reader.fetch.ring.seek(reader.id, start, end);
+    let rx = reader.fetch.progress.clone();
+    let tail = Tail { reader, rx, pos: start, end, taken: VecDeque::new() };
     stream::try_unfold(tail, |mut tail| async move { Ok(tail.next_chunk().await?.map(|chunk| (chunk, tail))) }).boxed()
 }
 
 /// One reader's place in a fetch.
 struct Tail {
-    fetch: Arc<BlobFetch>,
+    reader: Reader,
     rx: watch::Receiver<Progress>,
     /// The next byte to take (from the ring or the file).
     pos: u64,
@@ -65,7 +94,7 @@ impl Tail {
             let available = if verified { received } else { received.saturating_sub(1) };
             let limit = self.end.map_or(available, |e| e.min(available));
             if self.pos < limit {
-                match self.fetch.ring.slice(self.pos, limit, TAKE) {
+                match self.reader.fetch.ring.slice(self.reader.id, self.pos, limit, TAKE) {
                     Slice::Frames(frames) if !frames.is_empty() => {
                         self.pos += frames.iter().map(|f| f.len() as u64).sum::<u64>();
                         self.taken.extend(frames);
@@ -74,7 +103,11 @@ impl Tail {
                     // The ring is never behind the published length; look again after a change.
                     Slice::Frames(_) => {}
                     Slice::Behind { durable } => return self.read_file(limit.min(durable)).await.map(Some),
-                    Slice::Gone => return Err(io::Error::other("client too slow for an uncached (disk full) stream")),
+                    Slice::Gone => {
+                        return Err(io::Error::other(
+                            "bytes of an uncached (disk full) stream left memory before this reader came",
+                        ))
+                    }
                 }
             }
             if self.rx.changed().await.is_err() {
@@ -86,7 +119,7 @@ impl Tail {
     /// The next chunk below `limit` from the staging file: large reads, since a reader here
     /// is catching up.
     async fn read_file(&mut self, limit: u64) -> io::Result<Bytes> {
-        let Some(staged) = self.fetch.staged.clone() else {
+        let Some(staged) = self.reader.fetch.staged.clone() else {
             return Err(io::Error::other("no staging file to read"));
         };
         let pos = self.pos;
