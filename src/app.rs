@@ -133,7 +133,8 @@ impl App {
 /// Opens `storage.root` and removes what a previous run left half-written.
 fn open_storage(config: &Config) -> Result<Arc<dyn Storage>, StartError> {
     let storage_err = |err| StartError::Storage { path: config.storage.root.display().to_string(), err };
-    let fs = FsStorage::open(&config.storage.root).map_err(storage_err)?;
+    let mapped = config.storage.mmap_hits && config.tls.is_none();
+    let fs = FsStorage::open(&config.storage.root).map_err(storage_err)?.with_mapped_reads(mapped);
     let leftovers = fs.remove_staging_leftovers().map_err(storage_err)?;
     if leftovers > 0 {
         tracing::info!(leftovers, "removed unfinished staging files of a previous run");

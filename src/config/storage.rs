@@ -15,11 +15,15 @@ pub struct StorageConfig {
     /// Upper bound for cached blobs; least-recently-used ones are evicted beyond it. Unbounded
     /// when absent. Pushed (hosted) content is never evicted.
     pub max_size: Option<ByteSize>,
+    /// Serve cached blobs from a memory map of the file (one copy less per byte). Has no
+    /// effect with `tls` (TLS encrypts in user space, where a map adds nothing and an outside
+    /// truncation of a blob file would fault); turn it off on network filesystems.
+    pub mmap_hits: bool,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { root: PathBuf::from("./ferry-data"), max_size: None }
+        StorageConfig { root: PathBuf::from("./ferry-data"), max_size: None, mmap_hits: true }
     }
 }
 

@@ -8,10 +8,11 @@
 //! * [`layout`]: every key and path, with the tree of the whole store.
 //! * [`records`]: the manifest record and tag entry formats.
 //! * [`marks`]: hosted ownership marks (shared facts of the cache and hosted namespaces).
-//! * [`fs`]: the filesystem backend.
+//! * [`fs`]: the filesystem backend; `mapped`: its cache hits as slices of a memory map.
 
 pub mod fs;
 pub mod layout;
+mod mapped;
 pub mod marks;
 pub mod records;
 

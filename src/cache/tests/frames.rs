@@ -79,3 +79,29 @@ async fn with_no_room_on_disk_the_fetch_waits_for_its_slowest_reader_and_both_ge
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_breaks_mid_way_is_resumed_and_every_reader_sees_one_whole_blob() {
+    within(async {
+        let mut h = Harness::start().await;
+        let (blob, digest) = h.cold_blob(4 * RING as usize, false);
+        let keeping_up = spawn_readers(vec![h.get_blob(&digest).await]);
+        let stalled = h.get_blob(&digest).await;
+        let (mut progress, tx) = h.in_flight(&digest).await;
+        // Half the blob, then the upstream's connection breaks (shorter than it announced).
+        let half = blob.len() / 2;
+        feed_until_written(&tx, &mut progress, blob.slice(..half), half).await;
+        drop(tx);
+        // The fake ignores Range and sends the whole blob again: the fetch drops what it has.
+        let tx = h.upstream.next_feed().await;
+        feed(&tx, blob.clone());
+        drop(tx);
+        assert_got(keeping_up, &blob).await;
+        assert_got(spawn_readers(vec![stalled]), &blob).await;
+        ended(progress).await;
+        let gets = h.upstream.take_requests().into_iter().filter(|(m, _)| m == Method::GET).count();
+        assert_eq!(gets, 2, "one GET, one resume");
+        assert_eq!(h.storage.blob_size(&digest).await.unwrap(), Some(blob.len() as u64));
+    })
+    .await
+}
