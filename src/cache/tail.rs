@@ -27,7 +27,8 @@ pub(super) struct Reader {
 }
 
 impl Reader {
-    /// Joins `fetch`'s readers; `None` once it is relaying (see [`FrameRing::join`]).
+    /// Joins `fetch`'s readers; `None` when it is relaying and its ring already let go of
+    /// bytes the staging file lacks (see [`FrameRing::join`]).
     ///
     /// [`FrameRing::join`]: super::ring::FrameRing::join
     pub(super) fn join(fetch: &Arc<BlobFetch>) -> Option<Reader> {
