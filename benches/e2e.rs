@@ -27,7 +27,8 @@
 //!   direct.
 //!
 //! Every scenario that moves blob bytes (all but 4) also has a CPU row: user+sys seconds (from
-//! `/proc/PID/stat`, read across the measured transfer, before the server is stopped) of the
+//! `/proc/PID/stat`, from the transfer's start until the server and the upstream are idle again,
+//! so that work finished after the clients are done counts; before the server is stopped) of the
 //! server the clients talked to, per GiB the clients received. For direct that server is the
 //! upstream; a proxy's cell adds the upstream's CPU over the same transfer, so what the proxy
 //! itself costs shows next to direct. Scenario 2 is warm, so there it is the proxy (or nginx)
@@ -270,14 +271,14 @@ impl CpuMeter {
         CpuMeter { server, upstream, at_start: (cpu_seconds(server), cpu_seconds(upstream)) }
     }
 
-    /// CPU used since [`CpuMeter::start`] per GiB of `bytes`. Call it before the server is
-    /// dropped: a killed process's counters are gone with it.
+    /// CPU used since [`CpuMeter::start`] per GiB of `bytes`, counted until both processes are
+    /// idle again: work a proxy finishes after its clients are done (Distribution's second,
+    /// background fetch into its store; Ferry's commit) is part of what a cold pull costs it.
+    /// Call it before the server is dropped: a killed process's counters are gone with it.
     fn per_gib(&self, bytes: u64) -> CpuUse {
         let gib = bytes as f64 / GIB as f64;
-        CpuUse {
-            server: (cpu_seconds(self.server) - self.at_start.0) / gib,
-            upstream: (cpu_seconds(self.upstream) - self.at_start.1) / gib,
-        }
+        let (server, upstream) = settled(self.server, self.upstream);
+        CpuUse { server: (server - self.at_start.0) / gib, upstream: (upstream - self.at_start.1) / gib }
     }
 }
 
@@ -285,6 +286,22 @@ impl std::fmt::Display for CpuUse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:.2} CPU s/GiB (upstream {:.2})", self.server, self.upstream)
     }
+}
+
+/// The CPU seconds of both processes once neither used more than 5 ms in 100 ms (at most 10 s
+/// of waiting: a busy background task then still shows as the figure so far).
+fn settled(a: u32, b: u32) -> (f64, f64) {
+    let mut last = (cpu_seconds(a), cpu_seconds(b));
+    for _ in 0..100 {
+        thread::sleep(Duration::from_millis(100));
+        let now = (cpu_seconds(a), cpu_seconds(b));
+        let quiet = now.0 - last.0 < 0.005 && now.1 - last.1 < 0.005;
+        last = now;
+        if quiet {
+            break;
+        }
+    }
+    last
 }
 
 fn clock_ticks() -> f64 {

@@ -76,7 +76,10 @@ impl Cache {
         digest: &Digest,
         range: Option<ByteRange>,
     ) -> Result<BlobAnswer, ProtocolError> {
-        let (reader, joined) = self.join_or_start(route, digest).await?;
+        let Some((reader, joined)) = self.join_or_start(route, digest).await? else {
+            // Committed while this request looked: a hit after all.
+            return Box::pin(self.blob(route, digest, range, false)).await;
+        };
         self.count("blob", if joined { "coalesced" } else { "miss" });
         let mut rx = reader.progress();
         let progress = rx

@@ -67,14 +67,21 @@ pub(super) struct BlobFetch {
 pub(super) type Joined = (Reader, bool);
 
 impl Cache {
-    /// Joins the fetch in progress for `digest`, or starts one.
+    /// Joins the fetch in progress for `digest`, or starts one; `None` when the blob is on disk
+    /// by now (serve it as a hit).
     pub(super) async fn join_or_start(
         self: &Arc<Self>,
         route: &Route,
         digest: &Digest,
-    ) -> Result<Joined, ProtocolError> {
+    ) -> Result<Option<Joined>, ProtocolError> {
         if let Some(joined) = self.try_join(digest)? {
-            return Ok(joined);
+            return Ok(Some(joined));
+        }
+        // The caller found no blob on disk, but a fetch may have committed it and left the map
+        // since: a fetch leaves only after its rename, so a look after missing it is decisive.
+        let stored = self.storage.blob_size(digest).await.map_err(|e| internal("cannot stat blob", e))?;
+        if stored.is_some() {
+            return Ok(None);
         }
         let pool = self.pool(&route.registry)?;
         let staged = match self.storage.stage().await {
@@ -95,7 +102,7 @@ impl Cache {
             let mut map = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?;
             // Someone started it while we were creating our staging file (ours is dropped).
             if let Some(joined) = map.get(digest).and_then(Reader::join) {
-                return Ok((joined, true));
+                return Ok(Some((joined, true)));
             }
             if staged.is_none() {
                 fetch.ring.relay();
@@ -112,7 +119,7 @@ impl Cache {
             let guard = FetchGuard { cache: this.clone(), digest, me, tx };
             this.fetch_task(&pool, &repo, guard).await;
         });
-        Ok((reader, false))
+        Ok(Some((reader, false)))
     }
 
     /// A fetch in progress that can still be joined: one that is writing to disk, or one

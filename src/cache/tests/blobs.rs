@@ -176,3 +176,25 @@ async fn a_blob_longer_than_it_may_be_is_cut_off_and_never_cached() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_missed_the_store_just_before_a_commit_is_served_the_committed_blob() {
+    within(async {
+        let mut h = Harness::start().await;
+        let (blob, digest) = h.cold_blob(100_000, false);
+        let first = spawn_readers(vec![h.get_blob(&digest).await]);
+        let (progress, tx) = h.in_flight(&digest).await;
+        feed(&tx, blob.clone());
+        drop(tx);
+        assert_got(first, &blob).await;
+        ended(progress).await;
+        h.upstream.take_requests();
+
+        // A request whose look at the store came before the commit reaches the fetch map after
+        // the fetch left it: it must find the blob, not fetch it again.
+        let again = h.cache.join_or_start(&h.route, &digest).await.unwrap();
+        assert!(again.is_none(), "a second fetch was started for a committed blob");
+        assert!(h.upstream.take_requests().is_empty());
+    })
+    .await
+}
