@@ -1,7 +1,7 @@
 //! Cache hits from a memory map of the blob file: the response frames are slices of the page
 //! cache itself, so a hit costs one copy (into the socket) instead of two (read, then send).
-//! Measured on a 256 MiB warm blob over loopback: about 1.5x the throughput of `read` chunks
-//! and a quarter less CPU.
+//! Measured on a warm 256 MiB blob over loopback, side by side: about 1.37x the throughput of
+//! `read` chunks and a fifth less CPU.
 //!
 //! Why it is safe here: a published blob is never written or truncated by Ferry (it is replaced
 //! only by rename, removed only by unlink, and an unlinked file stays mapped intact). Each
@@ -38,13 +38,21 @@ pub fn mapped_stream(file: &std::fs::File, start: u64, end: u64) -> io::Result<B
             }
             let next = (pos + HIT_CHUNK as u64).min(end);
             let (lo, hi) = (pos as usize, next as usize);
-            tokio::task::spawn_blocking(move || map.advise_range(Advice::PopulateRead, lo, hi - lo))
-                .await
-                .map_err(io::Error::other)??;
+            tokio::task::spawn_blocking(move || populate(&map, lo, hi)).await.map_err(io::Error::other)??;
             Ok(Some((all.slice(lo..hi), next)))
         }
     })
     .boxed())
+}
+
+/// Prefaults `lo..hi` of the map (reading it from disk if it is not cached). A kernel older
+/// than 5.14 does not know `MADV_POPULATE_READ` (EINVAL): the send then faults the pages in
+/// itself, as a plain map would.
+fn populate(map: &Mmap, lo: usize, hi: usize) -> io::Result<()> {
+    match map.advise_range(Advice::PopulateRead, lo, hi - lo) {
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(()),
+        other => other,
+    }
 }
 
 /// Lets [`Bytes`] own a shared mapping.
