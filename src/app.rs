@@ -12,7 +12,7 @@ use crate::config::{ChallengeKind, Config};
 use crate::hosted::Hosted;
 use crate::metrics::Metrics;
 use crate::registry::Router;
-use crate::storage::{FsStorage, Storage};
+use crate::storage::Storage;
 use crate::upstream::Pool;
 
 /// Everything a request handler needs.
@@ -130,14 +130,10 @@ impl App {
     }
 }
 
-/// Opens `storage.root` and removes what a previous run left half-written.
+/// Opens the store (`storage.root`, or the bucket) and removes what a previous run left
+/// half-written.
 fn open_storage(config: &Config) -> Result<Arc<dyn Storage>, StartError> {
     let storage_err = |err| StartError::Storage { path: config.storage.root.display().to_string(), err };
     let mapped = config.storage.mmap_hits && config.tls.is_none();
-    let fs = FsStorage::open(&config.storage.root).map_err(storage_err)?.with_mapped_reads(mapped);
-    let leftovers = fs.remove_staging_leftovers().map_err(storage_err)?;
-    if leftovers > 0 {
-        tracing::info!(leftovers, "removed unfinished staging files of a previous run");
-    }
-    Ok(Arc::new(fs))
+    crate::storage::open(&config.storage, mapped, true).map_err(storage_err)
 }

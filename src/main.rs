@@ -71,14 +71,15 @@ enum CacheAction {
 
 fn cache_command(config: &Config, action: CacheAction) -> Result<bool, String> {
     use ferry::cache::admin;
-    let storage = ferry::storage::FsStorage::open(&config.storage.root)
+    let storage = ferry::storage::open(&config.storage, false, false)
         .map_err(|e| format!("storage.root {}: {e}", config.storage.root.display()))?;
+    let storage = &*storage;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(async {
         match action {
             CacheAction::Stats { server } => {
-                let s = admin::stats(&storage).await.map_err(|e| e.to_string())?;
-                println!("root:       {}", config.storage.root.display());
+                let s = admin::stats(storage).await.map_err(|e| e.to_string())?;
+                println!("store:      {}", store_name(config));
                 println!("blobs:      {}", s.blobs);
                 println!("size:       {} ({} bytes)", bytesize::ByteSize(s.blob_bytes), s.blob_bytes);
                 println!("manifests:  {}", s.manifests);
@@ -97,10 +98,10 @@ fn cache_command(config: &Config, action: CacheAction) -> Result<bool, String> {
                 Ok(true)
             }
             CacheAction::Verify => {
-                let v = admin::verify(&storage).await.map_err(|e| e.to_string())?;
+                let v = admin::verify(storage).await.map_err(|e| e.to_string())?;
                 println!("blobs verified: {}", v.good_blobs);
                 for d in &v.bad_blobs {
-                    println!("MISMATCH {d} (moved to {}/quarantine/)", config.storage.root.display());
+                    println!("MISMATCH {d} (moved to {}/quarantine/)", store_name(config));
                 }
                 for k in &v.bad_manifests {
                     println!("BAD MANIFEST RECORD {k} (removed; refetched on the next pull)");
@@ -108,12 +109,20 @@ fn cache_command(config: &Config, action: CacheAction) -> Result<bool, String> {
                 Ok(v.bad_blobs.is_empty() && v.bad_manifests.is_empty())
             }
             CacheAction::Prune { max_size } => {
-                let (n, bytes) = admin::prune(&storage, max_size.as_u64()).await.map_err(|e| e.to_string())?;
+                let (n, bytes) = admin::prune(storage, max_size.as_u64()).await.map_err(|e| e.to_string())?;
                 println!("removed {n} blobs, {}", bytesize::ByteSize(bytes));
                 Ok(true)
             }
         }
     })
+}
+
+/// The store, as the admin commands name it: the root directory or `s3://bucket/prefix`.
+fn store_name(config: &Config) -> String {
+    match &config.storage.s3 {
+        Some(s3) => format!("s3://{}/{}", s3.bucket, s3.prefix.trim_end_matches('/')),
+        None => config.storage.root.display().to_string(),
+    }
 }
 
 /// Where the instance configured by `config` answers locally (none for port 0).
@@ -162,8 +171,8 @@ fn gc(config: &std::path::Path, grace: std::time::Duration, dry_run: bool) -> Ex
         }
     };
     let result = tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
-        let storage = ferry::storage::FsStorage::open(&config.storage.root)?;
-        rt.block_on(ferry::hosted::gc(&storage, grace, dry_run))
+        let storage = ferry::storage::open(&config.storage, false, false)?;
+        rt.block_on(ferry::hosted::gc(&*storage, grace, dry_run))
     });
     match result {
         Ok(report) => {

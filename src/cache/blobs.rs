@@ -32,6 +32,19 @@ impl Cache {
                 Some(r) => Some(r.resolve(size).ok_or_else(|| unsatisfiable(size))?),
                 None => None,
             };
+            if !head {
+                if let Some(url) =
+                    self.storage.blob_url(digest).await.map_err(|e| internal("cannot sign blob URL", e))?
+                {
+                    return Ok(BlobAnswer {
+                        size: Some(size),
+                        range: None,
+                        body: None,
+                        source: Source::Cache,
+                        redirect: Some(url),
+                    });
+                }
+            }
             let body = if head {
                 None
             } else {
@@ -43,7 +56,7 @@ impl Cache {
                     Err(e) => return Err(internal("cannot read blob", e)),
                 }
             };
-            return Ok(BlobAnswer { size: Some(size), range: span, body, source: Source::Cache });
+            return Ok(BlobAnswer { size: Some(size), range: span, body, source: Source::Cache, redirect: None });
         }
         if head {
             return self.head_blob(route, digest).await;
@@ -65,7 +78,13 @@ impl Cache {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
-        Ok(BlobAnswer { size, range: None, body: None, source: Source::Upstream(answer.upstream.name().to_owned()) })
+        Ok(BlobAnswer {
+            size,
+            range: None,
+            body: None,
+            source: Source::Upstream(answer.upstream.name().to_owned()),
+            redirect: None,
+        })
     }
 
     /// Joins (or starts) the fetch of `digest` and, once an upstream answered, streams the
@@ -107,6 +126,7 @@ impl Cache {
             range: span,
             body: Some(tail_stream(reader, start, end)),
             source: Source::Upstream(progress.upstream),
+            redirect: None,
         })
     }
 }

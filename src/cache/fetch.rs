@@ -84,7 +84,7 @@ impl Cache {
             return Ok(None);
         }
         let pool = self.pool(&route.registry)?;
-        let staged = match self.storage.stage().await {
+        let staged = match self.storage.stage_blob(digest).await {
             Ok(s) => Some(Arc::new(s)),
             Err(e) => {
                 // A full or broken disk never fails a pull: this one streams through uncached.

@@ -114,7 +114,12 @@ impl StagingWriter {
         self.hasher = Some(hasher);
         Ok(Some(match write {
             None => Outcome::Hashed,
-            Some(Ok(())) => Outcome::Durable { end: at + len },
+            Some(Ok(())) => {
+                if let Some(staged) = &self.staged {
+                    staged.durable(at + len);
+                }
+                Outcome::Durable { end: at + len }
+            }
             Some(Err(error)) => {
                 // Later batches are hashed only: the file has a hole now.
                 self.staged = None;

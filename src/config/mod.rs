@@ -24,7 +24,7 @@ mod upstream;
 pub use hosted::{under, Access, AccessRule, ChallengeKind, HostedConfig};
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
-pub use storage::{CacheConfig, StorageConfig};
+pub use storage::{CacheConfig, S3Config, StorageConfig};
 pub use upstream::{Capability, RegistryConfig, UpstreamConfig};
 
 /// A configuration problem, with the key path it concerns.
@@ -195,9 +195,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.metrics_addr()?;
-        if self.storage.root.as_os_str().is_empty() {
-            return Err(ConfigError::new("storage.root", "must not be empty"));
-        }
+        self.storage.validate()?;
         if self.registries.is_empty() {
             return Err(ConfigError::new("registries", "at least one registry is needed"));
         }
@@ -261,6 +259,24 @@ pub(crate) mod tests {
         assert_eq!(error_at("cache:\n  tag_ttl: soon\n").path, "cache.tag_ttl");
         assert_eq!(error_at("default_registry: ghcr.io\n").path, "default_registry");
         assert_eq!(error_at("listen: nowhere\n").path, "listen");
+    }
+
+    #[test]
+    fn a_bucket_config_is_checked_before_start() {
+        let s3 = |extra: &str| format!("storage:\n  s3:\n    bucket: ferry\n{extra}");
+        let ok = Config::from_yaml(&s3("    prefix: \"mirror/x/\"\n    path_style: true\n")).unwrap();
+        let bucket = ok.storage.s3.as_ref().unwrap();
+        assert_eq!((bucket.region.as_str(), bucket.upload_concurrency), ("us-east-1", 8), "defaults");
+        assert_eq!(error_at(&s3("    prefix: mirror\n")).path, "storage.s3.prefix");
+        assert_eq!(error_at(&s3("    prefix: \"a/../\"\n")).path, "storage.s3.prefix");
+        assert_eq!(error_at(&s3("    prefix: \"/abs/\"\n")).path, "storage.s3.prefix");
+        assert_eq!(error_at(&s3("    endpoint: \"ftp://x\"\n")).path, "storage.s3.endpoint");
+        assert_eq!(error_at(&s3("    access_key_id: AKIA\n")).path, "storage.s3.access_key_id");
+        let missing = s3("    access_key_id: AKIA\n    secret_access_key_file: /nonexistent/ferry-s3\n");
+        assert_eq!(error_at(&missing).path, "storage.s3.secret_access_key_file");
+        assert_eq!(error_at(&s3("    upload_part_size: 1MiB\n")).path, "storage.s3.upload_part_size");
+        assert_eq!(error_at(&s3("    redirect_expiry: 30d\n")).path, "storage.s3.redirect_expiry");
+        assert_eq!(error_at("storage:\n  hot_tier: 1GiB\n").path, "storage.hot_tier", "a hot tier needs a bucket");
     }
 
     #[test]

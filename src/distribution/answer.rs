@@ -58,6 +58,9 @@ pub struct BlobAnswer {
     pub body: Option<ByteStream>,
     /// Where it came from.
     pub source: Source,
+    /// A URL the client fetches the bytes from instead (a 307 to a presigned bucket URL, for
+    /// `storage.s3.redirect`); `body` is then `None`.
+    pub redirect: Option<String>,
 }
 
 /// Every successful answer of the registry API.

@@ -137,6 +137,8 @@ impl ProtocolError {
 /// A failure of Ferry's own machinery (storage, a task, a lock): logged here, answered as
 /// `UNAVAILABLE` (503), the status clients retry.
 pub fn internal(what: &str, e: impl std::fmt::Display) -> ProtocolError {
+    // The cause goes to the log only: it can name paths, bucket endpoints and keys, which are
+    // the operator's business, not the client's.
     tracing::error!(error = %e, "{what}");
-    ProtocolError::new(ErrorCode::Unavailable, format!("{what}: {e}"))
+    ProtocolError::new(ErrorCode::Unavailable, what)
 }

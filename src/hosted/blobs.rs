@@ -27,6 +27,18 @@ impl Hosted {
             Some(r) => Some(r.span(size)?),
             None => None,
         };
+        if !head {
+            if let Some(url) = self.storage.blob_url(&digest).await.map_err(|e| internal("cannot sign blob URL", e))? {
+                let blob = BlobAnswer {
+                    size: Some(size),
+                    range: None,
+                    body: None,
+                    source: Source::Hosted,
+                    redirect: Some(url),
+                };
+                return Ok(Answer::Blob { digest, blob });
+            }
+        }
         let body = if head {
             None
         } else {
@@ -39,7 +51,10 @@ impl Hosted {
                 .ok_or_else(|| ProtocolError::new(ErrorCode::BlobUnknown, format!("blob {digest} is gone")))?;
             Some(stream)
         };
-        Ok(Answer::Blob { digest, blob: BlobAnswer { size: Some(size), range: span, body, source: Source::Hosted } })
+        Ok(Answer::Blob {
+            digest,
+            blob: BlobAnswer { size: Some(size), range: span, body, source: Source::Hosted, redirect: None },
+        })
     }
 
     pub(super) async fn delete_blob(&self, repo: &RepoName, d: &str) -> Result<Answer, ProtocolError> {

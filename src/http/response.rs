@@ -117,6 +117,14 @@ fn manifest_response(m: &Manifest, head: bool) -> Response<Body> {
 }
 
 fn blob_response(digest: &Digest, a: BlobAnswer) -> Response<Body> {
+    if let Some(url) = a.redirect {
+        // Distribution's redirect middleware answers the same: clients follow it and send no
+        // Authorization to the bucket (the URL carries its own signature).
+        let mut r = with_status(StatusCode::TEMPORARY_REDIRECT, empty());
+        set(&mut r, header::LOCATION, url);
+        set(&mut r, DOCKER_CONTENT_DIGEST, digest);
+        return r;
+    }
     let body = match a.body {
         Some(s) => StreamBody::new(s.map_ok(Frame::data)).boxed_unsync(),
         None => empty(),

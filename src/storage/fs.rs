@@ -89,16 +89,18 @@ impl FsStorage {
         Ok(n)
     }
 
+    /// Every committed blob (blocking: start-up inventories).
+    pub fn scan_blobs(&self) -> io::Result<Vec<super::BlobInfo>> {
+        scan_blobs(&self.root.join(layout::BLOBS_DIR))
+    }
+
     /// Where a committed blob lives.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.root.join(layout::blob_path(digest))
     }
 
     fn object_path(&self, key: &str) -> io::Result<PathBuf> {
-        // Keys are built by Ferry from validated names; refuse anything that could escape.
-        if key.is_empty() || key.starts_with('/') || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad object key {key:?}")));
-        }
+        layout::check_object_key(key)?;
         Ok(self.root.join(layout::OBJECTS_DIR).join(key))
     }
 
@@ -152,7 +154,7 @@ impl Storage for FsStorage {
         Box::pin(async move {
             blocking(move || {
                 let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-                Ok(Staged { file, path })
+                Ok(Staged { file, path, follower: None })
             })
             .await
         })

@@ -143,6 +143,15 @@ pub fn classify_repo_key(key: &str) -> RepoKey<'_> {
     }
 }
 
+/// Refuses an object key that could escape its directory (or prefix): Ferry builds keys from
+/// validated names, so this is a last line of defence shared by every backend.
+pub fn check_object_key(key: &str) -> std::io::Result<()> {
+    if key.is_empty() || key.starts_with('/') || key.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad object key {key:?}")));
+    }
+    Ok(())
+}
+
 /// The staging file name of the `n`th staging file of this process.
 pub fn staging_file(n: u64) -> String {
     format!("{STAGING_DIR}/{}-{n}", std::process::id())

@@ -9,14 +9,19 @@
 //! * [`records`]: the manifest record and tag entry formats.
 //! * [`marks`]: hosted ownership marks (shared facts of the cache and hosted namespaces).
 //! * [`fs`]: the filesystem backend; `mapped`: its cache hits as slices of a memory map.
+//! * [`s3`]: the S3-compatible backend (local staging); `hot`: its local copy of hot blobs.
 
 pub mod fs;
+mod hot;
 pub mod layout;
 mod mapped;
 pub mod marks;
+mod multipart;
 pub mod records;
+pub mod s3;
 
 pub use fs::{file_stream, FsStorage, HIT_CHUNK};
+pub use s3::S3Storage;
 
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -42,6 +47,11 @@ pub trait Storage: Send + Sync + 'static {
     fn read_blob(&self, digest: &Digest, start: u64, end: u64) -> BoxFuture<'_, io::Result<Option<ByteStream>>>;
     /// A new, empty staging file.
     fn stage(&self) -> BoxFuture<'_, io::Result<Staged>>;
+    /// A new staging file for a fetch of `digest`, whose durable bytes the store may start
+    /// copying before the commit (the S3 backend's multipart upload alongside the fetch).
+    fn stage_blob(&self, _digest: &Digest) -> BoxFuture<'_, io::Result<Staged>> {
+        self.stage()
+    }
     /// Makes a staged file durable and visible as `digest`. The caller has verified it.
     fn commit(&self, staged: Arc<Staged>, digest: &Digest) -> BoxFuture<'_, io::Result<()>>;
     /// A small metadata object, or `None`.
@@ -59,8 +69,32 @@ pub trait Storage: Send + Sync + 'static {
     fn delete_object(&self, key: &str) -> BoxFuture<'_, io::Result<bool>>;
     /// Removes a committed blob; `false` if there was none. Readers holding it open finish.
     fn delete_blob(&self, digest: &Digest) -> BoxFuture<'_, io::Result<bool>>;
+    /// A URL the client may fetch a committed blob from directly (a presigned GET, for
+    /// `storage.s3.redirect`), or `None` to have Ferry stream it.
+    fn blob_url(&self, _digest: &Digest) -> BoxFuture<'_, io::Result<Option<String>>> {
+        Box::pin(async { Ok(None) })
+    }
     /// Proves the store is writable now (the readiness probe): writes and removes a probe.
     fn probe(&self) -> BoxFuture<'_, io::Result<()>>;
+}
+
+/// Opens the store `config` describes: the filesystem under `root`, or a bucket with local
+/// staging (and hot tier) under `root`. `mapped`: cache hits from disk as memory maps.
+/// `serving`: this is the server, which may remove staging leftovers of a previous run (an
+/// admin command running beside it must not delete its fetches in progress) and loads the
+/// hot tier's inventory.
+pub fn open(config: &crate::config::StorageConfig, mapped: bool, serving: bool) -> io::Result<Arc<dyn Storage>> {
+    let fs = FsStorage::open(&config.root)?.with_mapped_reads(mapped);
+    let leftovers = if serving { fs.remove_staging_leftovers()? } else { 0 };
+    if leftovers > 0 {
+        tracing::info!(leftovers, "removed unfinished staging files of a previous run");
+    }
+    let Some(s3) = &config.s3 else { return Ok(Arc::new(fs)) };
+    let store = S3Storage::open(s3, fs, config.hot_tier.map(|b| b.as_u64()))?;
+    if serving {
+        store.load_hot_tier()?;
+    }
+    Ok(Arc::new(store))
 }
 
 /// One entry of the blob inventory.
@@ -79,6 +113,16 @@ pub struct BlobInfo {
 pub struct Staged {
     file: std::fs::File,
     path: PathBuf,
+    /// Told how far the file is durable ([`Staged::durable`]); dropped with the file.
+    follower: Option<Arc<dyn Follower>>,
+}
+
+/// Something a store attaches to a staging file to follow it as it becomes durable.
+pub trait Follower: Send + Sync + 'static {
+    /// Bytes below `len` are written and will not change.
+    fn durable(&self, len: u64);
+    /// For the store that attached it to find its own type again.
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }
 
 impl Staged {
@@ -89,6 +133,13 @@ impl Staged {
             offset += b.len() as u64;
         }
         Ok(())
+    }
+
+    /// Says that bytes below `len` are written and final (the fetch's writer, per batch).
+    pub fn durable(&self, len: u64) {
+        if let Some(f) = &self.follower {
+            f.durable(len);
+        }
     }
 
     /// Cuts the file to `len` bytes (blocking): an upload drops bytes past what it verified.
@@ -134,7 +185,7 @@ impl ParkedStaged {
     pub fn resume(mut self) -> io::Result<Staged> {
         // Never created afresh: a missing file lost the bytes already counted.
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&self.path)?;
-        Ok(Staged { file, path: std::mem::take(&mut self.path) })
+        Ok(Staged { file, path: std::mem::take(&mut self.path), follower: None })
     }
 }
 

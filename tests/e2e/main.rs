@@ -18,6 +18,7 @@ mod hosted;
 mod limits;
 mod operations;
 mod pull_through;
+mod s3;
 mod soak;
 mod upstream_auth;
 

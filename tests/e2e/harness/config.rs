@@ -109,7 +109,7 @@ impl<T: Into<Yaml>> From<Vec<T>> for Yaml {
 
 impl Yaml {
     /// The entry `key` of a map, inserted (as an empty map) if missing. Panics on a non-map.
-    fn entry(&mut self, key: &str) -> &mut Yaml {
+    pub(super) fn entry(&mut self, key: &str) -> &mut Yaml {
         let Yaml::Map(entries) = self else { panic!("config: `{key}` set below a value that is not a map") };
         let i = match entries.iter().position(|(k, _)| k == key) {
             Some(i) => i,
@@ -122,7 +122,7 @@ impl Yaml {
     }
 
     /// Sets `key` in a map, replacing an existing value.
-    fn insert(&mut self, key: &str, value: Yaml) {
+    pub(super) fn insert(&mut self, key: &str, value: Yaml) {
         *self.entry(key) = value;
     }
 

@@ -19,6 +19,7 @@
 //!   ...) and a private [`Containerd`] driven with `ctr`.
 //! * `config.rs`: [`FerryConfig`], the typed builder for Ferry's YAML configuration.
 //! * `ferry.rs`: [`Ferry`], the binary under test, started by a [`Launcher`].
+//! * `s3.rs`: [`S3Server`], a real S3-compatible server (s3s-fs) whose buckets are directories.
 //! * [`fault`]: a fault-injecting reverse proxy; [`token`]: a Bearer-token issuer that a
 //!   registry started with [`Registry::start_with_token`] trusts; [`encoding`]: base64, query
 //!   strings, JWT segments, Bearer challenges.
@@ -52,14 +53,17 @@ mod http;
 mod images;
 mod process;
 mod registry;
+mod s3;
 pub mod token;
 
 // Not every includer uses every part.
 #[allow(unused_imports)]
-pub use self::{clients::*, config::*, encoding::basic_auth, ferry::*, http::*, images::*, process::*, registry::*};
+pub use self::{
+    clients::*, config::*, encoding::basic_auth, ferry::*, http::*, images::*, process::*, registry::*, s3::*,
+};
 
 /// How to get the external tools the end-to-end tests rely on.
-pub const INSTALL_HINT: &str = "apt-get install -y docker-registry skopeo apache2-utils";
+pub const INSTALL_HINT: &str = "apt-get install -y docker-registry skopeo apache2-utils containerd && cargo install s3s-fs@0.14.1 --features binary --locked (scripts/test.sh does both)";
 
 /// OCI image manifest media type.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

@@ -1,0 +1,155 @@
+//! [`S3Server`]: a real S3-compatible server (`s3s-fs` from crates.io: real SigV4, multipart
+//! uploads, ranged GETs, presigned URLs) on a loopback port, storing each bucket as a directory
+//! so a test can look at exactly what a bucket holds.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::{free_port, http_request_timeout, require_tool, tmp_dir, Proc, Yaml, POLL_INTERVAL};
+
+/// How long s3s-fs gets to answer its first request (it starts in well under a second).
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Ports tried before giving up (a port from `free_port` may be taken before s3s-fs binds it).
+const START_ATTEMPTS: usize = 5;
+
+/// The access key every test server accepts.
+pub const S3_ACCESS_KEY: &str = "ferry-test-key";
+const S3_SECRET_KEY: &str = "ferry-test-secret-0123456789";
+
+/// A running s3s-fs with one bucket, `ferry`.
+pub struct S3Server {
+    dir: TempDir,
+    port: u16,
+    proc: Option<Proc>,
+}
+
+impl S3Server {
+    /// Starts s3s-fs with an empty bucket `ferry` and waits until it answers.
+    pub fn start() -> S3Server {
+        require_tool("s3s-fs");
+        let dir = tmp_dir();
+        fs::create_dir_all(dir.path().join("data").join(Self::BUCKET)).expect("create the bucket");
+        fs::write(dir.path().join("secret"), S3_SECRET_KEY).expect("write the secret key file");
+        let mut server = S3Server { dir, port: 0, proc: None };
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            server.port = free_port();
+            match server.spawn_and_wait() {
+                Ok(()) => return server,
+                Err(e) => last = e,
+            }
+        }
+        panic!("s3s-fs did not start: {last}")
+    }
+
+    /// The one bucket.
+    pub const BUCKET: &'static str = "ferry";
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The `storage.s3` section for this server under `prefix` (empty or ending in `/`).
+    pub fn section(&self, prefix: &str) -> Yaml {
+        let mut s = Yaml::Map(Vec::new());
+        s.insert("bucket", Self::BUCKET.into());
+        s.insert("endpoint", self.url().into());
+        s.insert("prefix", prefix.into());
+        s.insert("path_style", Yaml::Bare("true".into()));
+        s.insert("access_key_id", S3_ACCESS_KEY.into());
+        s.insert("secret_access_key_file", self.dir.path().join("secret").as_path().into());
+        // The smallest part S3 allows, so a few MiB already make a multipart upload.
+        s.insert("upload_part_size", "5MiB".into());
+        s
+    }
+
+    /// Where object `key` of the bucket is stored.
+    pub fn object_path(&self, key: &str) -> PathBuf {
+        self.dir.path().join("data").join(Self::BUCKET).join(key)
+    }
+
+    /// Every object key of the bucket under `prefix`, sorted.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let base = self.dir.path().join("data").join(Self::BUCKET);
+        let mut out = Vec::new();
+        let mut dirs = vec![base.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for e in entries.flatten() {
+                let path = e.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if let Ok(rel) = path.strip_prefix(&base) {
+                    let key = rel.to_string_lossy().into_owned();
+                    if key.starts_with(prefix) {
+                        out.push(key);
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Multipart uploads begun and neither completed nor aborted (s3s-fs keeps their parts
+    /// beside the buckets).
+    pub fn pending_upload_parts(&self) -> usize {
+        fs::read_dir(self.dir.path().join("data"))
+            .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".upload_id")).count())
+            .unwrap_or(0)
+    }
+
+    /// Stops the server (SIGKILL to its own PID); the bucket stays on disk.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts it again on the same port with the same data.
+    pub fn restart(&mut self) {
+        self.stop();
+        if let Err(e) = self.spawn_and_wait() {
+            panic!("s3s-fs restart failed: {e}");
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("s3s-fs.log")
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let mut cmd = Command::new("s3s-fs");
+        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
+            .arg(self.dir.path().join("data"))
+            .env("RUST_LOG", "warn");
+        self.proc = Some(Proc::spawn("s3s-fs", &mut cmd, self.log_path()));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.proc.as_mut().and_then(Proc::exited) {
+                self.proc = None;
+                return Err(format!("s3s-fs exited ({status}): {}", read(&self.log_path())));
+            }
+            // Any HTTP answer (an unsigned request is refused) means it is serving.
+            if http_request_timeout("GET", &format!("{}/", self.url()), &[], Duration::from_secs(1)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.stop();
+                return Err("s3s-fs did not answer in time".into());
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
