@@ -12,7 +12,7 @@ use crate::config::{ChallengeKind, Config};
 use crate::hosted::Hosted;
 use crate::metrics::Metrics;
 use crate::registry::Router;
-use crate::storage::Storage;
+use crate::storage::{Metered, Storage};
 use crate::upstream::Pool;
 
 /// Everything a request handler needs.
@@ -78,7 +78,7 @@ impl App {
     /// No upstream is contacted: Ferry starts and serves its cache with every upstream down.
     pub fn new(config: &Config) -> Result<Arc<App>, StartError> {
         let metrics = Arc::new(Metrics::new()?);
-        let storage = open_storage(config)?;
+        let storage: Arc<dyn Storage> = Arc::new(Metered::new(open_storage(config)?, metrics.clone()));
         let mut pools = HashMap::new();
         for (name, reg) in &config.registries {
             pools.insert(name.clone(), Arc::new(Pool::new(name, reg, metrics.clone())?));

@@ -37,6 +37,12 @@ pub struct Metrics {
     pub invalid_manifests: IntCounterVec,
     /// `ferry_cache_write_errors_total`: blobs served uncached because the disk refused them.
     pub cache_write_errors: IntCounter,
+    /// `ferry_storage_errors_total{op}`: store operations that failed (see `storage::metered`).
+    pub storage_errors: IntCounterVec,
+    /// `ferry_storage_operation_duration_seconds{op}`.
+    pub storage_duration: HistogramVec,
+    /// `ferry_storage_bytes_total{direction}`: blob bytes read from and written to the store.
+    pub storage_bytes: IntCounterVec,
     /// `ferry_cache_size_bytes`: bytes of cached blobs on disk.
     pub cache_size_bytes: IntGauge,
     /// `ferry_cache_blobs`: cached blobs on disk.
@@ -157,6 +163,24 @@ impl Metrics {
                 "ferry_upstream_invalid_manifests_total",
                 "Manifests an upstream answered that were not JSON or contradicted their Content-Type (never cached).",
                 &["upstream"],
+            )?,
+            storage_errors: counter_vec(
+                &r,
+                "ferry_storage_errors_total",
+                "Store operations (disk or bucket) that failed, by operation.",
+                &["op"],
+            )?,
+            storage_duration: histogram_vec(
+                &r,
+                "ferry_storage_operation_duration_seconds",
+                "Time a store operation took (a read: until its stream opened).",
+                &["op"],
+            )?,
+            storage_bytes: counter_vec(
+                &r,
+                "ferry_storage_bytes_total",
+                "Blob bytes read from (read) and committed to (written) the store.",
+                &["direction"],
             )?,
             inflight_fetches,
             digest_mismatches,

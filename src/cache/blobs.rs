@@ -21,7 +21,9 @@ impl Cache {
         range: Option<ByteRange>,
         head: bool,
     ) -> Result<BlobAnswer, ProtocolError> {
-        let stored = self.storage.blob_size(digest).await.map_err(|e| internal("cannot stat blob", e))?;
+        // A store that cannot answer (a bucket that is down) is a fault like an upstream's: the
+        // upstreams may still have the blob. The store counts and logs its failures.
+        let stored = self.storage.blob_size(digest).await.unwrap_or(None);
         if let Some(size) = stored {
             if !self.servable(route, digest, "blobs").await? {
                 return Err(ProtocolError::new(ErrorCode::BlobUnknown, format!("blob {digest} not found")));
@@ -33,9 +35,8 @@ impl Cache {
                 None => None,
             };
             if !head {
-                if let Some(url) =
-                    self.storage.blob_url(digest).await.map_err(|e| internal("cannot sign blob URL", e))?
-                {
+                // Cannot sign: stream the bytes instead.
+                if let Ok(Some(url)) = self.storage.blob_url(digest).await {
                     return Ok(BlobAnswer {
                         size: Some(size),
                         range: None,
@@ -51,9 +52,9 @@ impl Cache {
                 let (start, end) = span.map(|(s, e)| (s, e + 1)).unwrap_or((0, size));
                 match self.storage.read_blob(digest, start, end).await {
                     Ok(Some(s)) => Some(s),
-                    // Evicted between stat and open: fetch it again.
-                    Ok(None) => return Box::pin(self.fetch_blob(route, digest, range)).await,
-                    Err(e) => return Err(internal("cannot read blob", e)),
+                    // Evicted between stat and open, or unreadable (counted by the store): fetch
+                    // it again.
+                    Ok(None) | Err(_) => return Box::pin(self.fetch_blob(route, digest, range)).await,
                 }
             };
             return Ok(BlobAnswer { size: Some(size), range: span, body, source: Source::Cache, redirect: None });

@@ -79,7 +79,8 @@ impl Cache {
         }
         // The caller found no blob on disk, but a fetch may have committed it and left the map
         // since: a fetch leaves only after its rename, so a look after missing it is decisive.
-        let stored = self.storage.blob_size(digest).await.map_err(|e| internal("cannot stat blob", e))?;
+        // A store that cannot answer now cannot have committed it either.
+        let stored = self.storage.blob_size(digest).await.unwrap_or(None);
         if stored.is_some() {
             return Ok(None);
         }

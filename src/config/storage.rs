@@ -89,6 +89,21 @@ pub struct S3Config {
     /// times this in memory.
     #[serde(default = "default_upload_concurrency")]
     pub upload_concurrency: usize,
+    /// Retries of a failed bucket request (5xx, throttling, a lost connection) before the
+    /// operation fails; a failed read then falls back to the upstreams.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: usize,
+    /// Most time spent retrying one request.
+    #[serde(default = "default_retry_timeout", with = "humantime_serde")]
+    pub retry_timeout: Duration,
+}
+
+fn default_max_retries() -> usize {
+    3
+}
+
+fn default_retry_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_region() -> String {
@@ -141,6 +156,9 @@ impl S3Config {
         }
         if !(1..=256).contains(&self.upload_concurrency) {
             return bad("upload_concurrency", "must be between 1 and 256".to_owned());
+        }
+        if self.max_retries > 20 || self.retry_timeout > Duration::from_secs(600) {
+            return bad("max_retries", "at most 20 retries and a retry_timeout of at most 10m".to_owned());
         }
         if self.redirect_expiry < Duration::from_secs(60) || self.redirect_expiry > Duration::from_secs(7 * 24 * 3600) {
             return bad("redirect_expiry", "must be between 1m and 7d (S3's limit for presigned URLs)".to_owned());

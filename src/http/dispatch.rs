@@ -157,7 +157,10 @@ async fn catalog(hosted: &Hosted, req: &Request<()>, authn: Result<Identity, Pro
 /// `/healthz`, `/readyz` and `/metrics`, for any method and without credentials.
 async fn operations(app: &App, path: &str) -> Response<Body> {
     match path {
-        "/readyz" if app.storage.probe().await.is_ok() => response::text(StatusCode::OK, "ready\n"),
+        "/readyz" if app.storage.probe().await.is_ok() => match app.storage.degraded().await {
+            None => response::text(StatusCode::OK, "ready\n"),
+            Some(why) => response::text(StatusCode::OK, format!("ready, degraded: {why}\n")),
+        },
         "/readyz" => response::text(StatusCode::SERVICE_UNAVAILABLE, "storage is not writable\n"),
         "/metrics" => {
             let mut r = response::text(StatusCode::OK, app.metrics.render());

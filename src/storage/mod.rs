@@ -9,18 +9,22 @@
 //! * [`records`]: the manifest record and tag entry formats.
 //! * [`marks`]: hosted ownership marks (shared facts of the cache and hosted namespaces).
 //! * [`fs`]: the filesystem backend; `mapped`: its cache hits as slices of a memory map.
-//! * [`s3`]: the S3-compatible backend (local staging); `hot`: its local copy of hot blobs.
+//! * [`s3`]: the S3-compatible backend (local staging); `multipart`: the upload alongside a
+//!   fetch; `hot`: its local copy of hot blobs.
+//! * [`Metered`]: either backend with its operations timed and its failures counted.
 
 pub mod fs;
 mod hot;
 pub mod layout;
 mod mapped;
 pub mod marks;
+mod metered;
 mod multipart;
 pub mod records;
 pub mod s3;
 
 pub use fs::{file_stream, FsStorage, HIT_CHUNK};
+pub use metered::Metered;
 pub use s3::S3Storage;
 
 use std::io;
@@ -73,6 +77,12 @@ pub trait Storage: Send + Sync + 'static {
     /// `storage.s3.redirect`), or `None` to have Ferry stream it.
     fn blob_url(&self, _digest: &Digest) -> BoxFuture<'_, io::Result<Option<String>>> {
         Box::pin(async { Ok(None) })
+    }
+    /// What is wrong with a part of the store Ferry can serve without (the bucket of the S3
+    /// backend: blobs then stream uncached from the upstreams), or `None` if all is well.
+    /// Checked by `/readyz` after [`Storage::probe`].
+    fn degraded(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async { None })
     }
     /// Proves the store is writable now (the readiness probe): writes and removes a probe.
     fn probe(&self) -> BoxFuture<'_, io::Result<()>>;

@@ -29,7 +29,9 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::signer::Signer;
-use object_store::{ClientConfigKey, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    ClientConfigKey, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+};
 
 use super::hot::HotTier;
 use super::multipart::{Alongside, Uploaded, Uploads};
@@ -74,7 +76,12 @@ impl S3Storage {
             .with_timeout_disabled()
             .with_connect_timeout(Duration::from_secs(5))
             .with_config(ClientConfigKey::ReadTimeout, "30s");
-        let store = builder.with_client_options(client).build().map_err(io::Error::other)?;
+        let retry = RetryConfig {
+            max_retries: config.max_retries,
+            retry_timeout: config.retry_timeout,
+            ..RetryConfig::default()
+        };
+        let store = builder.with_client_options(client).with_retry(retry).build().map_err(io::Error::other)?;
         let hot = hot_tier.map(|max| Arc::new(HotTier::new(local.clone(), max)));
         let store = Arc::new(store);
         let uploads = Uploads {
@@ -364,13 +371,25 @@ impl Storage for S3Storage {
         })
     }
 
-    fn probe(&self) -> BoxFuture<'_, io::Result<()>> {
+    fn degraded(&self) -> BoxFuture<'_, Option<String>> {
         Box::pin(async move {
-            // Both must be writable: the bucket for commits, local disk for staging.
-            self.local.probe().await?;
-            let key = self.key(&layout::readiness_probe())?;
-            self.store.put(&key, PutPayload::from_static(b"ok")).await.map_err(to_io)?;
-            self.store.delete(&key).await.map_err(to_io)
+            let key = self.key(&layout::readiness_probe()).ok()?;
+            let written = self.store.put(&key, PutPayload::from_static(b"ok")).await;
+            let removed = match written {
+                Ok(_) => self.store.delete(&key).await,
+                Err(e) => Err(e),
+            };
+            removed.err().map(|e| {
+                tracing::debug!(error = %e, "readiness: the bucket does not answer");
+                "the bucket is not writable: blobs stream from the upstreams uncached".to_owned()
+            })
         })
+    }
+
+    fn probe(&self) -> BoxFuture<'_, io::Result<()>> {
+        // Staging on local disk is what serving needs; the bucket is checked by `degraded`: a
+        // replica that cannot reach it still serves every proxied pull (uncached), and marking
+        // every replica of one bucket unready at once would leave clients nothing at all.
+        self.local.probe()
     }
 }

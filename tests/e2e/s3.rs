@@ -236,7 +236,7 @@ fn a_hot_tier_keeps_hot_blobs_on_local_disk_and_serves_them_with_the_bucket_down
     let r = http_request("GET", &format!("{}/v2/library/hot/blobs/{small}", b.url()), &[]).unwrap();
     assert_eq!((r.status, sha256_bytes(&r.body)), (200, small.clone()), "a hot blob needs no bucket");
     let r = http_request("GET", &format!("{}/v2/library/hot/blobs/{big}", b.url()), &[]).unwrap();
-    assert_eq!(r.status, 503, "a blob only in the bucket is unavailable while the bucket is down");
+    assert_eq!(r.status, 503, "a blob only in the bucket, with the bucket and every upstream down, is unavailable");
     assert!(
         r.text().contains("UNAVAILABLE") && !r.text().contains(&s3.url()),
         "no endpoint in the answer: {}",
@@ -276,4 +276,49 @@ fn sigkill_while_a_blob_uploads_alongside_its_fetch_leaves_no_object_under_its_k
     eventually("the blob is in the bucket", || s3.object_path(&blob_key(&layer)).exists());
     assert_eq!(sha256_file(s3.object_path(&blob_key(&layer))), layer);
     assert!(s3.pending_upload_parts() >= 1, "the interrupted upload is left for the bucket's lifecycle rule");
+}
+
+#[test]
+fn with_the_bucket_down_pulls_still_succeed_and_caching_resumes_when_it_returns() {
+    let mut s3 = S3Server::start();
+    let registry = Registry::start();
+    let work = tmp_dir();
+    let layout = work.path().join("layout");
+    let warm = build_image(&layout, "warm", &[1 << 20], 77);
+    let cold = build_image(&layout, "cold", &[6 << 20, 70 << 10], 78);
+    for tag in ["warm", "cold"] {
+        push_layout(&layout, tag, &format!("{}/library/app:{tag}", registry.host()), false).unwrap();
+    }
+    let root = work.path().join("data");
+    let cfg = on_bucket(&root, &s3, &registry.url())
+        .set("storage.hot_tier", "64MiB")
+        .set("storage.s3.max_retries", Yaml::Bare("1".into()));
+    let ferry = Ferry::start(&cfg.yaml());
+    pull_to_dir(&format!("{}/library/app:warm", ferry.host()), work.path().join("warm-1")).unwrap();
+    eventually("warm is in the bucket", || warm.blob_digests().iter().all(|d| s3.object_path(&blob_key(d)).exists()));
+    assert_eq!(http_request("GET", &format!("{}/readyz", ferry.url()), &[]).unwrap().text(), "ready\n");
+
+    s3.stop();
+    let ready = http_request("GET", &format!("{}/readyz", ferry.url()), &[]).unwrap();
+    assert_eq!(ready.status, 200, "a replica that cannot reach the bucket still serves");
+    assert!(ready.text().starts_with("ready, degraded: the bucket"), "{}", ready.text());
+    let out = work.path().join("cold-1");
+    pull_to_dir(&format!("{}/library/app:cold", ferry.host()), &out).unwrap();
+    assert_image(&out, &cold);
+    let out = work.path().join("warm-2");
+    pull_to_dir(&format!("{}/library/app:warm", ferry.host()), &out).unwrap();
+    assert_image(&out, &warm);
+    let page = scrape(&ferry);
+    assert!(metric(&page, r#"ferry_storage_errors_total{op="commit"}"#) >= 1.0, "the failed uploads are counted");
+    assert!(metric(&page, "ferry_cache_write_errors_total") >= 1.0);
+    assert!(!s3.object_path(&blob_key(&cold.layers[0].0)).exists());
+
+    s3.restart();
+    let out = work.path().join("cold-2");
+    pull_to_dir(&format!("{}/library/app:cold", ferry.host()), &out).unwrap();
+    assert_image(&out, &cold);
+    eventually("caching resumed by itself", || {
+        cold.blob_digests().iter().all(|d| s3.object_path(&blob_key(d)).exists())
+    });
+    assert_eq!(http_request("GET", &format!("{}/readyz", ferry.url()), &[]).unwrap().text(), "ready\n");
 }
