@@ -20,4 +20,10 @@ if ! command -v s3s-fs >/dev/null 2>&1; then
   cargo install --quiet --locked --root target/tools s3s-fs@0.14.1 --features binary
 fi
 
-exec cargo test --locked "$@"
+cargo test --locked "$@"
+# The pull-through, cache, durability and hosted suites once more with every Ferry on a bucket
+# (one shared s3s-fs; see tests/e2e/harness/s3.rs). Only for the whole suite, not a selection.
+if (($# == 0)); then
+  echo "test.sh: the e2e suites again, on S3 (FERRY_E2E_STORAGE=s3)" >&2
+  FERRY_E2E_STORAGE=s3 cargo test --locked --test e2e -- pull_through:: cache:: durability:: hosted::
+fi

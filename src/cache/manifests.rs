@@ -36,6 +36,16 @@ impl TagKey {
     }
 }
 
+/// The tag entry key of `tag` for a client that accepts `accept`.
+fn tag_key(route: &Route, tag: &str, accept: &[String]) -> TagKey {
+    TagKey {
+        registry: route.registry.clone(),
+        repo: route.repo.clone(),
+        tag: tag.to_owned(),
+        index: accepts(accept, OCI_INDEX) || accepts(accept, DOCKER_MANIFEST_LIST),
+    }
+}
+
 impl Cache {
     /// A manifest by tag or digest, from memory, disk or the upstreams.
     pub async fn manifest(
@@ -110,6 +120,14 @@ impl Cache {
         let (route, digest_owned, accept) = (route.clone(), digest.clone(), accept.to_vec());
         let key = format!("{}\n{digest}", route.registry);
         self.coalesce_manifest(key, async move {
+            // A flight that ended while this request read the store left its answer in memory;
+            // a store read (a bucket's GET) can take longer than a whole flight.
+            if let Some(m) = this.manifests.get(&digest_owned).await {
+                if this.servable(&route, &digest_owned, "manifests").await? {
+                    this.count("manifest", "hit");
+                    return Ok((m, Source::Cache));
+                }
+            }
             let reference = Reference::Digest(digest_owned);
             let (m, up) = this.fetch_manifest(&route, &reference, &accept, Capability::Pull).await?;
             this.store_manifest(&m).await;
@@ -171,26 +189,49 @@ impl Cache {
     }
 
     async fn manifest_by_tag(self: &Arc<Self>, route: &Route, tag: &str, accept: &[String]) -> Outcome {
-        let key = TagKey {
-            registry: route.registry.clone(),
-            repo: route.repo.clone(),
-            tag: tag.to_owned(),
-            index: accepts(accept, OCI_INDEX) || accepts(accept, DOCKER_MANIFEST_LIST),
-        };
-        let entry = self.tag_entry(&key).await;
-        if let Some(e) = &entry {
-            let fresh = self.age(e) < self.config.tag_ttl.as_secs();
-            if fresh && accepts(accept, &e.media_type) {
-                if let Some(m) = self.local_by_str(&e.digest).await {
-                    self.count("manifest", "hit");
-                    return Ok((m, Source::Cache));
-                }
-            }
+        let entry = self.tag_entry(&tag_key(route, tag, accept)).await;
+        if let Some(m) = self.fresh(entry.as_ref(), accept).await {
+            self.count("manifest", "hit");
+            return Ok((m, Source::Cache));
         }
+        self.tag_flight(route, tag, entry, accept).await
+    }
+
+    /// The one flight for a tag: resolves it upstream unless a flight that ended while the
+    /// caller read `entry` from the store left a fresh answer in memory (a store read, a
+    /// bucket's GET, can take longer than a whole flight).
+    pub(super) async fn tag_flight(
+        self: &Arc<Self>,
+        route: &Route,
+        tag: &str,
+        entry: Option<TagEntry>,
+        accept: &[String],
+    ) -> Outcome {
+        let key = tag_key(route, tag, accept);
         let this = self.clone();
         let (route, accept) = (route.clone(), accept.to_vec());
         let coalesce_key = format!("{}\n{}\n{}\n{}", key.registry, key.repo, key.tag, key.index);
-        self.coalesce_manifest(coalesce_key, async move { this.resolve_tag(&route, key, entry, &accept).await }).await
+        self.coalesce_manifest(coalesce_key, async move {
+            let entry = match this.tags.get(&key).await {
+                Some(e) => Some(e),
+                None => entry,
+            };
+            if let Some(m) = this.fresh(entry.as_ref(), &accept).await {
+                this.count("manifest", "hit");
+                return Ok((m, Source::Cache));
+            }
+            this.resolve_tag(&route, key, entry, &accept).await
+        })
+        .await
+    }
+
+    /// The manifest `entry` names if it is fresh and the client accepts its type.
+    async fn fresh(&self, entry: Option<&TagEntry>, accept: &[String]) -> Option<Arc<Manifest>> {
+        let e = entry?;
+        if self.age(e) >= self.config.tag_ttl.as_secs() || !accepts(accept, &e.media_type) {
+            return None;
+        }
+        self.local_by_str(&e.digest).await
     }
 
     /// Seconds since the tag entry was last confirmed by an upstream (by the cache's clock).

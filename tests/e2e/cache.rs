@@ -25,7 +25,7 @@ fn manifest_requests(upstream: &Registry, method: &str, reference: &str) -> usiz
 /// Bytes of committed blobs under a Ferry storage root.
 fn stored_blob_bytes(root: &Path) -> u64 {
     let mut total = 0;
-    for shard in fs::read_dir(root.join("blobs/sha256")).unwrap() {
+    for shard in fs::read_dir(store_path(root, "blobs/sha256")).unwrap() {
         for f in fs::read_dir(shard.unwrap().path()).unwrap() {
             total += f.unwrap().metadata().unwrap().len();
         }
@@ -200,7 +200,7 @@ fn max_size_evicts_least_recently_used_blobs() {
     settles_under_max();
     let (one_layer, _) = &one.layers[0];
     let (two_layer, _) = &two.layers[0];
-    let shard = |d: &str| data.join("blobs/sha256").join(&digest_hex(d)[..2]).join(digest_hex(d));
+    let shard = |d: &str| store_path(&data, &blob_key(d));
     assert!(!shard(one_layer).exists(), "the older image's layer was evicted");
     assert!(shard(two_layer).exists(), "the newer image's layer stays");
 

@@ -87,8 +87,8 @@ impl Setup {
     /// Every file under the storage root's blobs and hosted metadata.
     fn stored(&self) -> Vec<String> {
         let mut out = files_under(&self.data().join("blobs"));
-        out.extend(files_under(&self.data().join("objects/hosted")));
-        out.extend(files_under(&self.data().join("objects/manifests")));
+        out.extend(files_under(&store_path(&self.data(), "objects/hosted")));
+        out.extend(files_under(&store_path(&self.data(), "objects/manifests")));
         out
     }
 }
@@ -452,36 +452,45 @@ fn chunked_resumed_mounted_tagged_referred_and_deleted() {
     }
     assert_eq!(seen, ["v1", "v2", "v3", "v4", "v5"]);
 
-    // Referrers: an artifact whose subject is the image.
-    let empty = s.upload("internal/chunked", ALICE, b"{}");
-    let sbom = s.upload("internal/chunked", ALICE, b"{\"sbom\":true}");
-    let artifact = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "artifactType": "application/vnd.example.sbom.v1",
-        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
-        "layers": [{"mediaType": "application/json", "digest": sbom, "size": 13}],
-        "subject": {"mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": manifest.len()},
-        "annotations": {"org.example.kind": "sbom"},
-    }))
-    .unwrap();
-    let artifact_digest = sha256_bytes(&artifact);
-    let r = s.put_manifest("internal/chunked", &artifact_digest, OCI_MANIFEST, &artifact);
-    assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(r.header("oci-subject"), Some(manifest_digest.as_str()));
-    let r = s.req("GET", &format!("/v2/internal/chunked/referrers/{manifest_digest}"), Some(BOB), &[], b"");
-    assert_eq!(r.status, 200);
-    assert_eq!(r.header("content-type"), Some(OCI_INDEX));
-    let v: Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(v["manifests"].as_array().unwrap().len(), 1, "{v}");
-    assert_eq!(v["manifests"][0]["digest"], artifact_digest.as_str());
-    assert_eq!(v["manifests"][0]["artifactType"], "application/vnd.example.sbom.v1");
-    assert_eq!(v["manifests"][0]["annotations"]["org.example.kind"], "sbom");
-    let path = format!("/v2/internal/chunked/referrers/{manifest_digest}?artifactType=application/vnd.example.sig");
-    let r = s.req("GET", &path, Some(BOB), &[], b"");
-    let v: Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(v["manifests"].as_array().unwrap().len(), 0);
-    assert_eq!(r.header("oci-filters-applied"), Some("artifactType"));
+    // Referrers: an artifact whose subject is the image. s3s-fs (the S3 run's server) names a
+    // file after the base64 of each key, so it cannot hold a key over 163 bytes; referrer keys
+    // are longer (real S3 takes 1024). That part runs on disk only.
+    let referrers = !on_s3();
+    if !referrers {
+        eprintln!("note: referrers are not checked on s3s-fs (its keys are at most 163 bytes)");
+    }
+    let artifact_digest = referrers.then(|| {
+        let empty = s.upload("internal/chunked", ALICE, b"{}");
+        let sbom = s.upload("internal/chunked", ALICE, b"{\"sbom\":true}");
+        let artifact = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": "application/vnd.example.sbom.v1",
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/json", "digest": sbom, "size": 13}],
+            "subject": {"mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": manifest.len()},
+            "annotations": {"org.example.kind": "sbom"},
+        }))
+        .unwrap();
+        let artifact_digest = sha256_bytes(&artifact);
+        let r = s.put_manifest("internal/chunked", &artifact_digest, OCI_MANIFEST, &artifact);
+        assert_eq!(r.status, 201, "{}", r.text());
+        assert_eq!(r.header("oci-subject"), Some(manifest_digest.as_str()));
+        let r = s.req("GET", &format!("/v2/internal/chunked/referrers/{manifest_digest}"), Some(BOB), &[], b"");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some(OCI_INDEX));
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["manifests"].as_array().unwrap().len(), 1, "{v}");
+        assert_eq!(v["manifests"][0]["digest"], artifact_digest.as_str());
+        assert_eq!(v["manifests"][0]["artifactType"], "application/vnd.example.sbom.v1");
+        assert_eq!(v["manifests"][0]["annotations"]["org.example.kind"], "sbom");
+        let path = format!("/v2/internal/chunked/referrers/{manifest_digest}?artifactType=application/vnd.example.sig");
+        let r = s.req("GET", &path, Some(BOB), &[], b"");
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["manifests"].as_array().unwrap().len(), 0);
+        assert_eq!(r.header("oci-filters-applied"), Some("artifactType"));
+        artifact_digest
+    });
 
     // Delete: the manifest by digest is gone (and its tags), the referrer by digest too.
     let path = format!("/v2/internal/chunked/manifests/{manifest_digest}");
@@ -492,10 +501,12 @@ fn chunked_resumed_mounted_tagged_referred_and_deleted() {
     let r = s.req("GET", "/v2/internal/chunked/tags/list", Some(BOB), &[], b"");
     assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["tags"], json!([]));
     assert_eq!(s.req("DELETE", &path, Some(BOB), &[], b"").status, 404);
-    let apath = format!("/v2/internal/chunked/manifests/{artifact_digest}");
-    assert_eq!(s.req("DELETE", &apath, Some(BOB), &[], b"").status, 202);
-    let r = s.req("GET", &format!("/v2/internal/chunked/referrers/{manifest_digest}"), Some(BOB), &[], b"");
-    assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["manifests"], json!([]));
+    if let Some(artifact_digest) = &artifact_digest {
+        let apath = format!("/v2/internal/chunked/manifests/{artifact_digest}");
+        assert_eq!(s.req("DELETE", &apath, Some(BOB), &[], b"").status, 202);
+        let r = s.req("GET", &format!("/v2/internal/chunked/referrers/{manifest_digest}"), Some(BOB), &[], b"");
+        assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap()["manifests"], json!([]));
+    }
 
     // The catalog lists what the caller may read.
     let r = s.req("GET", "/v2/_catalog", Some(BOB), &[], b"");
@@ -515,7 +526,7 @@ fn gc_after_a_manifest_delete_frees_exactly_the_blobs_only_it_referenced() {
     let b = build_image_with_layers(&layout, "b", &[shared.clone(), only_b.clone()], 52);
     push_layout_creds(&layout, "a", &format!("{host}/internal/gc:a"), false, ALICE).unwrap();
     push_layout_creds(&layout, "b", &format!("{host}/internal/gc:b"), false, ALICE).unwrap();
-    let blob_file = |d: &str| s.data().join("blobs/sha256").join(&digest_hex(d)[..2]).join(digest_hex(d));
+    let blob_file = |d: &str| store_path(&s.data(), &blob_key(d));
     for d in a.blob_digests().iter().chain(&b.blob_digests()) {
         assert!(blob_file(d).exists(), "{d} not stored");
     }

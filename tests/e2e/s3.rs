@@ -18,9 +18,9 @@ fn on_bucket(root: &Path, s3: &S3Server, upstream_url: &str) -> FerryConfig {
     FerryConfig::new(root).registry("docker.io", [upstream(upstream_url)]).set("storage.s3", s3.section(PREFIX))
 }
 
-fn blob_key(digest: &str) -> String {
-    let hex = digest_hex(digest);
-    format!("{PREFIX}blobs/sha256/{}/{hex}", &hex[..2])
+/// The bucket key of blob `digest` under [`PREFIX`].
+fn bucket_key(digest: &str) -> String {
+    format!("{PREFIX}{}", blob_key(digest))
 }
 
 fn assert_image(dir: &Path, image: &Image) {
@@ -67,8 +67,8 @@ fn a_cold_pull_lands_in_the_bucket_and_a_second_replica_serves_it_with_every_ups
     pull_to_dir(&format!("{}/library/app:v1", a.host()), &out).unwrap();
     assert_image(&out, &image);
     for d in image.blob_digests() {
-        eventually("the verified blob is in the bucket", || s3.object_path(&blob_key(&d)).exists());
-        assert_eq!(sha256_file(s3.object_path(&blob_key(&d))), d, "the bucket holds exactly the verified bytes");
+        eventually("the verified blob is in the bucket", || s3.object_path(&bucket_key(&d)).exists());
+        assert_eq!(sha256_file(s3.object_path(&bucket_key(&d))), d, "the bucket holds exactly the verified bytes");
     }
     let records = s3.keys(&format!("{PREFIX}objects/manifests/"));
     assert_eq!(records.len(), 1, "one manifest record: {records:?}");
@@ -97,7 +97,7 @@ fn a_cold_pull_lands_in_the_bucket_and_a_second_replica_serves_it_with_every_ups
     assert!(String::from_utf8_lossy(&verify.stdout).contains("blobs verified: 3"));
     let prune = ferry_cache(&b.config_path(), &["prune", "--max-size", "1MiB"]);
     assert!(prune.status.success(), "{}", String::from_utf8_lossy(&prune.stderr));
-    assert!(!s3.object_path(&blob_key(&image.layers[0].0)).exists(), "prune removed the big layer from the bucket");
+    assert!(!s3.object_path(&bucket_key(&image.layers[0].0)).exists(), "prune removed the big layer from the bucket");
     let left: u64 =
         s3.keys(&format!("{PREFIX}blobs/")).iter().map(|k| fs::metadata(s3.object_path(k)).unwrap().len()).sum();
     assert!(left <= 1 << 20, "the bucket's blobs fit in 1 MiB after prune: {left}");
@@ -130,8 +130,8 @@ fn a_corrupt_upstream_blob_never_appears_in_the_bucket() {
 
     let r = http_request("GET", &format!("{}/v2/library/bad/blobs/{layer}", ferry.url()), &[]).unwrap();
     assert_eq!((r.status, sha256_bytes(&r.body)), (200, layer.clone()));
-    eventually("the good blob is in the bucket", || s3.object_path(&blob_key(layer)).exists());
-    assert_eq!(sha256_file(s3.object_path(&blob_key(layer))), *layer);
+    eventually("the good blob is in the bucket", || s3.object_path(&bucket_key(layer)).exists());
+    assert_eq!(sha256_file(s3.object_path(&bucket_key(layer))), *layer);
     assert_eq!(proxy.count("GET", layer), 1, "the corrupt fetch was not retried from the liar");
 }
 
@@ -149,7 +149,7 @@ fn with_redirect_a_hit_is_a_307_to_a_presigned_url_that_needs_no_authorization()
     // The first pull is a miss: streamed by Ferry while it fills the bucket.
     pull_to_dir(&format!("{}/library/redir:v1", ferry.host()), work.path().join("first")).unwrap();
     let layer = &image.layers[0].0;
-    eventually("cached", || s3.object_path(&blob_key(layer)).exists());
+    eventually("cached", || s3.object_path(&bucket_key(layer)).exists());
 
     let r = http_request("GET", &format!("{}/v2/library/redir/blobs/{layer}", ferry.url()), &[]).unwrap();
     assert_eq!(r.status, 307);
@@ -190,7 +190,7 @@ fn a_push_to_one_replica_is_pulled_from_another() {
     let image = build_image(&layout, "v1", &[7 << 20, 64 << 10], 74);
     push_layout_creds(&layout, "v1", &format!("{}/internal/app:v1", a.host()), false, ALICE).unwrap();
     for d in image.blob_digests() {
-        assert_eq!(sha256_file(s3.object_path(&blob_key(&d))), d, "pushed blob in the bucket");
+        assert_eq!(sha256_file(s3.object_path(&bucket_key(&d))), d, "pushed blob in the bucket");
     }
     let out = work.path().join("pulled");
     pull_to_dir_creds(&format!("{}/internal/app:v1", b.host()), &out, ALICE).unwrap();
@@ -221,15 +221,15 @@ fn a_hot_tier_keeps_hot_blobs_on_local_disk_and_serves_them_with_the_bucket_down
     let a = hot(&a_root, &registry.url());
     pull_to_dir(&format!("{}/library/hot:v1", a.host()), work.path().join("a-pull")).unwrap();
     let (big, small) = (&image.layers[0].0, &image.layers[1].0);
-    eventually("kept locally", || cached_blob(&a_root, small) && cached_blob(&a_root, &image.config_digest));
-    eventually("in the bucket", || image.blob_digests().iter().all(|d| s3.object_path(&blob_key(d)).exists()));
+    eventually("kept locally", || local_blob(&a_root, small) && local_blob(&a_root, &image.config_digest));
+    eventually("in the bucket", || image.blob_digests().iter().all(|d| s3.object_path(&bucket_key(d)).exists()));
 
     // Another replica fills its tier from the bucket on the way through.
     let b_root = work.path().join("b");
     let b = hot(&b_root, "http://127.0.0.1:9");
     let r = http_request("GET", &format!("{}/v2/library/hot/blobs/{small}", b.url()), &[]).unwrap();
     assert_eq!((r.status, sha256_bytes(&r.body)), (200, small.clone()));
-    eventually("filled from the bucket", || cached_blob(&b_root, small));
+    eventually("filled from the bucket", || local_blob(&b_root, small));
     assert_eq!(sha256_file(b_root.join("blobs/sha256").join(&digest_hex(small)[..2]).join(digest_hex(small))), *small);
 
     s3.stop();
@@ -242,7 +242,7 @@ fn a_hot_tier_keeps_hot_blobs_on_local_disk_and_serves_them_with_the_bucket_down
         "no endpoint in the answer: {}",
         r.text()
     );
-    assert!(!cached_blob(&b_root, big));
+    assert!(!local_blob(&b_root, big));
 }
 
 #[test]
@@ -273,8 +273,8 @@ fn sigkill_while_a_blob_uploads_alongside_its_fetch_leaves_no_object_under_its_k
     ferry.restart();
     let r = http_request("GET", &format!("{}/v2/library/crash/blobs/{layer}", ferry.url()), &[]).unwrap();
     assert_eq!((r.status, sha256_bytes(&r.body)), (200, layer.clone()));
-    eventually("the blob is in the bucket", || s3.object_path(&blob_key(&layer)).exists());
-    assert_eq!(sha256_file(s3.object_path(&blob_key(&layer))), layer);
+    eventually("the blob is in the bucket", || s3.object_path(&bucket_key(&layer)).exists());
+    assert_eq!(sha256_file(s3.object_path(&bucket_key(&layer))), layer);
     assert!(s3.pending_upload_parts() >= 1, "the interrupted upload is left for the bucket's lifecycle rule");
 }
 
@@ -295,7 +295,7 @@ fn with_the_bucket_down_pulls_still_succeed_and_caching_resumes_when_it_returns(
         .set("storage.s3.max_retries", Yaml::Bare("1".into()));
     let ferry = Ferry::start(&cfg.yaml());
     pull_to_dir(&format!("{}/library/app:warm", ferry.host()), work.path().join("warm-1")).unwrap();
-    eventually("warm is in the bucket", || warm.blob_digests().iter().all(|d| s3.object_path(&blob_key(d)).exists()));
+    eventually("warm is in the bucket", || warm.blob_digests().iter().all(|d| s3.object_path(&bucket_key(d)).exists()));
     assert_eq!(http_request("GET", &format!("{}/readyz", ferry.url()), &[]).unwrap().text(), "ready\n");
 
     s3.stop();
@@ -311,14 +311,14 @@ fn with_the_bucket_down_pulls_still_succeed_and_caching_resumes_when_it_returns(
     let page = scrape(&ferry);
     assert!(metric(&page, r#"ferry_storage_errors_total{op="commit"}"#) >= 1.0, "the failed uploads are counted");
     assert!(metric(&page, "ferry_cache_write_errors_total") >= 1.0);
-    assert!(!s3.object_path(&blob_key(&cold.layers[0].0)).exists());
+    assert!(!s3.object_path(&bucket_key(&cold.layers[0].0)).exists());
 
     s3.restart();
     let out = work.path().join("cold-2");
     pull_to_dir(&format!("{}/library/app:cold", ferry.host()), &out).unwrap();
     assert_image(&out, &cold);
     eventually("caching resumed by itself", || {
-        cold.blob_digests().iter().all(|d| s3.object_path(&blob_key(d)).exists())
+        cold.blob_digests().iter().all(|d| s3.object_path(&bucket_key(d)).exists())
     });
     assert_eq!(http_request("GET", &format!("{}/readyz", ferry.url()), &[]).unwrap().text(), "ready\n");
 }

@@ -44,3 +44,18 @@ async fn with_the_upstream_down_a_tag_is_served_stale_until_serve_stale_has_pass
     })
     .await
 }
+
+#[tokio::test]
+async fn a_request_that_read_the_store_before_a_tag_flight_ended_is_served_its_answer() {
+    within(async {
+        let h = Harness::start().await;
+        h.upstream.put_manifest("v1", MANIFEST);
+        assert_eq!(h.tag("v1").await, Ok(Source::Upstream(h.upstream.name.clone())));
+        h.upstream.take_requests();
+        // What a request holds whose store read came before that flight wrote the tag: nothing.
+        let again = h.cache.tag_flight(&h.route, "v1", None, &[]).await.map(|(_, s)| s).map_err(|e| e.code);
+        assert_eq!(again, Ok(Source::Cache));
+        assert_eq!(h.upstream.take_requests(), vec![], "a second upstream fetch of the tag");
+    })
+    .await
+}

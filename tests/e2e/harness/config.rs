@@ -269,11 +269,17 @@ pub struct FerryConfig {
 }
 
 impl FerryConfig {
-    /// Listens on a free loopback port and stores under `storage_root`; nothing mirrored yet.
+    /// Listens on a free loopback port and stores under `storage_root` (in an `s3` run, in the
+    /// shared bucket under a prefix of its own, staging under `storage_root`); nothing mirrored
+    /// yet.
     pub fn new(storage_root: impl AsRef<Path>) -> Self {
         let mut root = Yaml::Map(Vec::new());
         root.insert("listen", "127.0.0.1:0".into());
         root.entry("storage").insert("root", storage_root.as_ref().into());
+        if super::on_s3() {
+            let section = super::shared_s3().section(&super::s3_prefix_for(storage_root.as_ref()));
+            root.entry("storage").insert("s3", section);
+        }
         FerryConfig { root, default_registry: None }
     }
 

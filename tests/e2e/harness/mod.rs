@@ -190,10 +190,22 @@ pub fn scrape(ferry: &Ferry) -> String {
     http_request("GET", &format!("{}/metrics", ferry.url()), &[]).expect("scrape /metrics").text()
 }
 
-/// Whether blob `digest` is committed in the Ferry store under `root`.
+/// Whether blob `digest` is committed in the store of the Ferry rooted at `root` (on disk, or
+/// in the bucket of an `s3` run: see [`store_path`]).
 pub fn cached_blob(root: &Path, digest: &str) -> bool {
+    store_path(root, &blob_key(digest)).exists()
+}
+
+/// Whether blob `digest` is in the local blob directory under `root` (the hot tier of a
+/// Ferry on S3), whatever the run.
+pub fn local_blob(root: &Path, digest: &str) -> bool {
+    root.join(blob_key(digest)).exists()
+}
+
+/// The layout key of blob `digest`: `blobs/sha256/<2 hex>/<64 hex>`.
+pub fn blob_key(digest: &str) -> String {
     let hex = digest_hex(digest);
-    root.join("blobs/sha256").join(&hex[..2]).join(hex).exists()
+    format!("blobs/sha256/{}/{hex}", &hex[..2])
 }
 
 /// Waits until every one of `digests` is committed in the Ferry store under `root`.

@@ -23,7 +23,10 @@ const S3_SECRET_KEY: &str = "ferry-test-secret-0123456789";
 
 /// A running s3s-fs with one bucket, `ferry`.
 pub struct S3Server {
-    dir: TempDir,
+    /// Holds `data/` (the buckets), the secret key file and the log.
+    dir: PathBuf,
+    /// Removes `dir` on drop (`None`: the shared server's shell removes it).
+    _guard: Option<TempDir>,
     port: u16,
     proc: Option<Proc>,
 }
@@ -32,10 +35,11 @@ impl S3Server {
     /// Starts s3s-fs with an empty bucket `ferry` and waits until it answers.
     pub fn start() -> S3Server {
         require_tool("s3s-fs");
-        let dir = tmp_dir();
-        fs::create_dir_all(dir.path().join("data").join(Self::BUCKET)).expect("create the bucket");
-        fs::write(dir.path().join("secret"), S3_SECRET_KEY).expect("write the secret key file");
-        let mut server = S3Server { dir, port: 0, proc: None };
+        let guard = tmp_dir();
+        let dir = guard.path().to_owned();
+        fs::create_dir_all(dir.join("data").join(Self::BUCKET)).expect("create the bucket");
+        fs::write(dir.join("secret"), S3_SECRET_KEY).expect("write the secret key file");
+        let mut server = S3Server { dir, _guard: Some(guard), port: 0, proc: None };
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
             server.port = free_port();
@@ -63,7 +67,7 @@ impl S3Server {
         s.insert("prefix", prefix.into());
         s.insert("path_style", Yaml::Bare("true".into()));
         s.insert("access_key_id", S3_ACCESS_KEY.into());
-        s.insert("secret_access_key_file", self.dir.path().join("secret").as_path().into());
+        s.insert("secret_access_key_file", self.dir.join("secret").as_path().into());
         // The smallest part S3 allows, so a few MiB already make a multipart upload.
         s.insert("upload_part_size", "5MiB".into());
         s
@@ -71,12 +75,12 @@ impl S3Server {
 
     /// Where object `key` of the bucket is stored.
     pub fn object_path(&self, key: &str) -> PathBuf {
-        self.dir.path().join("data").join(Self::BUCKET).join(key)
+        self.dir.join("data").join(Self::BUCKET).join(key)
     }
 
     /// Every object key of the bucket under `prefix`, sorted.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
-        let base = self.dir.path().join("data").join(Self::BUCKET);
+        let base = self.dir.join("data").join(Self::BUCKET);
         let mut out = Vec::new();
         let mut dirs = vec![base.clone()];
         while let Some(dir) = dirs.pop() {
@@ -100,7 +104,7 @@ impl S3Server {
     /// Multipart uploads begun and neither completed nor aborted (s3s-fs keeps their parts
     /// beside the buckets).
     pub fn pending_upload_parts(&self) -> usize {
-        fs::read_dir(self.dir.path().join("data"))
+        fs::read_dir(self.dir.join("data"))
             .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".upload_id")).count())
             .unwrap_or(0)
     }
@@ -121,14 +125,14 @@ impl S3Server {
     }
 
     fn log_path(&self) -> PathBuf {
-        self.dir.path().join("s3s-fs.log")
+        self.dir.join("s3s-fs.log")
     }
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("s3s-fs");
         cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
-            .arg(self.dir.path().join("data"))
+            .arg(self.dir.join("data"))
             .env("RUST_LOG", "warn");
         self.proc = Some(Proc::spawn("s3s-fs", &mut cmd, self.log_path()));
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -152,4 +156,71 @@ impl S3Server {
 
 fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Set to `s3` (`FERRY_E2E_STORAGE=s3`), the suites run with every Ferry storing in a bucket
+/// of one shared s3s-fs (each Ferry under a prefix of its own) instead of under its root.
+pub const STORAGE_ENV: &str = "FERRY_E2E_STORAGE";
+
+/// Whether this run stores in a bucket (see [`STORAGE_ENV`]).
+pub fn on_s3() -> bool {
+    std::env::var(STORAGE_ENV).is_ok_and(|v| v == "s3")
+}
+
+/// The s3s-fs of an `s3` run, started on first use and ended with the test process.
+pub fn shared_s3() -> &'static S3Server {
+    static SHARED: std::sync::OnceLock<S3Server> = std::sync::OnceLock::new();
+    SHARED.get_or_init(S3Server::start_shared)
+}
+
+/// The key prefix of the Ferry whose local root is `root` in an `s3` run (roots are unique
+/// temporary directories, so prefixes are too).
+pub fn s3_prefix_for(root: &Path) -> String {
+    let hex = super::sha256_bytes(root.to_string_lossy().as_bytes());
+    format!("e2e-{}/", &hex["sha256:".len()..][..16])
+}
+
+/// Where store key `relative` (a path of the layout: `blobs/sha256/..`, `objects/..`,
+/// `quarantine/..`) of the Ferry rooted at `root` is, as a file: under the root, or in an `s3`
+/// run the bucket's file for it (s3s-fs keeps one file per object, laid out like the keys).
+pub fn store_path(root: &Path, relative: &str) -> PathBuf {
+    match on_s3() {
+        true => shared_s3().object_path(&format!("{}{relative}", s3_prefix_for(root))),
+        false => root.join(relative),
+    }
+}
+
+impl S3Server {
+    /// The shared server: it lives as long as the test process, which no destructor can
+    /// promise for a static. So s3s-fs runs under a shell that reads its stdin, a pipe from
+    /// this process: when the process ends, for whatever reason, the pipe closes, the shell
+    /// ends s3s-fs (its own child, by PID) and removes the data.
+    fn start_shared() -> S3Server {
+        require_tool("s3s-fs");
+        let dir = tmp_dir().keep();
+        fs::create_dir_all(dir.join("data").join(Self::BUCKET)).expect("create the bucket");
+        fs::write(dir.join("secret"), S3_SECRET_KEY).expect("write the secret key file");
+        let port = free_port();
+        let script = "s3s-fs --host 127.0.0.1 --port \"$1\" --access-key \"$2\" --secret-key \"$3\" \"$4/data\" \
+                      >\"$4/s3s-fs.log\" 2>&1 & pid=$!; cat >/dev/null; kill \"$pid\"; wait \"$pid\"; rm -rf \"$4\"";
+        let mut child = Command::new("sh")
+            .args(["-c", script, "sh", &port.to_string(), S3_ACCESS_KEY, S3_SECRET_KEY])
+            .arg(&dir)
+            .stdin(std::process::Stdio::piped())
+            // The shell's own "Terminated" when it ends s3s-fs is no test output.
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn s3s-fs under sh");
+        // Kept open until the process exits; the shell's `cat` waits on it.
+        std::mem::forget(child.stdin.take());
+        let server = S3Server { dir, _guard: None, port, proc: None };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while http_request_timeout("GET", &format!("{}/", server.url()), &[], Duration::from_secs(1)).is_err() {
+            assert!(Instant::now() < deadline, "shared s3s-fs did not start: {}", read(&server.log_path()));
+            thread::sleep(POLL_INTERVAL);
+        }
+        // Never waited for: it ends after this process (see above).
+        std::mem::forget(child);
+        server
+    }
 }
