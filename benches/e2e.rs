@@ -21,6 +21,9 @@
 //!   the 2 local cores, is the bottleneck the coalescing is meant to hide.
 //! * 4: a cached manifest by tag under `wrk -t2 -c64 -d10s --latency`.
 //! * 5: peak RSS (`VmHWM`) of each proxy process while 32 clients cold-pull a 1 GiB layer.
+//! * 7 (`e2e/s3.rs`): a warm 256 MiB blob from S3-compatible storage (s3s-fs): a direct GET
+//!   from the S3 server, Ferry streaming it from the bucket, Ferry with a hot tier, Ferry on
+//!   disk.
 //! * 6: 8 distinct cold 256 MiB blobs (one image's layers, so nothing to coalesce) fetched at
 //!   once, one `GET /v2/<repo>/blobs/<digest>` per connection, through a fresh Ferry, a fresh
 //!   Distribution proxy and straight from the upstream: aggregate MB/s, each as a multiple of
@@ -52,6 +55,8 @@
 
 #[path = "../tests/e2e/harness/mod.rs"]
 mod harness;
+#[path = "e2e/s3.rs"]
+mod s3;
 
 use std::collections::HashMap;
 use std::env;
@@ -1367,7 +1372,7 @@ fn machine() -> String {
 fn main() {
     let started = *START.get_or_init(Instant::now);
     let plan = Plan::from_env();
-    for tool in ["docker-registry", "nginx", "wrk", "curl"] {
+    for tool in ["docker-registry", "nginx", "wrk", "curl", "s3s-fs"] {
         require(tool);
     }
     let bin = ferry_bin();
@@ -1446,6 +1451,9 @@ fn main() {
     }
     if let Some(img) = &img_parallel {
         rows.extend(parallel_cold(&upstream, img, plan.parallel_rounds));
+    }
+    if plan.wants("7") {
+        rows.extend(s3::warm_from_s3(&upstream, &img_loop, plan.throughput_rounds));
     }
 
     let total = started.elapsed().as_secs_f64();

@@ -8,7 +8,7 @@
 #
 # Installs the Debian packages the e2e bench drives when they are missing (as root, or through
 # sudo), builds Ferry in release and runs the bench against that binary. Environment passed
-# through: FERRY_BENCH_ONLY=1a,1b,2,3a,3b,4,5,6 (subset), FERRY_BENCH_QUICK=1 (smoke test),
+# through: FERRY_BENCH_ONLY=1a,1b,2,3a,3b,4,5,6,7 (subset), FERRY_BENCH_QUICK=1 (smoke test),
 # CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,7 @@ if [[ $what != micro ]]; then
   # shellcheck source=scripts/lib/packages.sh
   source scripts/lib/packages.sh
   ensure_packages bench.sh docker-registry=docker-registry nginx=nginx wrk=wrk curl=curl getconf=libc-bin
+  ensure_s3s_fs
   # Debian installs nginx with its service enabled; the bench starts its own nginx on a free
   # loopback port and never touches a system one.
 fi

@@ -12,13 +12,7 @@ source scripts/lib/packages.sh
 ensure_packages test.sh docker-registry=docker-registry skopeo=skopeo htpasswd=apache2-utils \
   openssl=openssl curl=curl containerd=containerd ctr=containerd
 
-# The S3-compatible server of the storage.s3 tests, from crates.io: 0.14.1 is the newest that
-# builds on rustc 1.92+ (0.17 needs 1.96). Kept under target/ so a clean clone builds it once.
-export PATH="$PWD/target/tools/bin:$PATH"
-if ! command -v s3s-fs >/dev/null 2>&1; then
-  echo "test.sh: installing s3s-fs 0.14.1 into target/tools (cargo install, about 2 minutes)" >&2
-  cargo install --quiet --locked --root target/tools s3s-fs@0.14.1 --features binary
-fi
+ensure_s3s_fs
 
 cargo test --locked "$@"
 # The pull-through, cache, durability and hosted suites once more with every Ferry on a bucket

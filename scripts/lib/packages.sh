@@ -24,3 +24,14 @@ ensure_packages() {
     exit 1
   fi
 }
+
+# ensure_s3s_fs: puts target/tools/bin on PATH and installs s3s-fs there when it is missing:
+# the S3-compatible server of the storage.s3 tests and bench, from crates.io. 0.14.1 is the
+# newest that builds on rustc 1.92+ (0.17 needs 1.96); under target/ a clean clone builds it
+# once.
+ensure_s3s_fs() {
+  export PATH="$PWD/target/tools/bin:$PATH"
+  command -v s3s-fs >/dev/null 2>&1 && return 0
+  echo "installing s3s-fs 0.14.1 into target/tools (cargo install, about 2 minutes)" >&2
+  cargo install --quiet --locked --root target/tools s3s-fs@0.14.1 --features binary
+}

@@ -96,6 +96,21 @@ pub struct S3Config {
     /// Most time spent retrying one request.
     #[serde(default = "default_retry_timeout", with = "humantime_serde")]
     pub retry_timeout: Duration,
+    /// Time to connect to the bucket's endpoint.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest silence while reading an answer. There is no overall deadline: a hit streams a
+    /// large blob to a slow client for as long as it keeps reading.
+    #[serde(default = "default_read_timeout", with = "humantime_serde")]
+    pub read_timeout: Duration,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_max_retries() -> usize {
@@ -156,6 +171,11 @@ impl S3Config {
         }
         if !(1..=256).contains(&self.upload_concurrency) {
             return bad("upload_concurrency", "must be between 1 and 256".to_owned());
+        }
+        for (key, t) in [("connect_timeout", self.connect_timeout), ("read_timeout", self.read_timeout)] {
+            if t < Duration::from_millis(100) || t > Duration::from_secs(3600) {
+                return bad(key, "must be between 100ms and 1h".to_owned());
+            }
         }
         if self.max_retries > 20 || self.retry_timeout > Duration::from_secs(600) {
             return bad("max_retries", "at most 20 retries and a retry_timeout of at most 10m".to_owned());

@@ -70,12 +70,12 @@ impl S3Storage {
         }
         let http = config.endpoint.as_deref().is_some_and(|e| e.starts_with("http:"));
         // No overall deadline: a hit streams a large blob to a slow client for as long as it
-        // keeps reading. A bucket that stops sending for 30 s is cut off instead.
+        // keeps reading. A bucket that stops sending for `read_timeout` is cut off instead.
         let client = ClientOptions::new()
             .with_allow_http(http)
             .with_timeout_disabled()
-            .with_connect_timeout(Duration::from_secs(5))
-            .with_config(ClientConfigKey::ReadTimeout, "30s");
+            .with_connect_timeout(config.connect_timeout)
+            .with_config(ClientConfigKey::ReadTimeout, humantime::format_duration(config.read_timeout).to_string());
         let retry = RetryConfig {
             max_retries: config.max_retries,
             retry_timeout: config.retry_timeout,

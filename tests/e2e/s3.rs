@@ -322,3 +322,31 @@ fn with_the_bucket_down_pulls_still_succeed_and_caching_resumes_when_it_returns(
     });
     assert_eq!(http_request("GET", &format!("{}/readyz", ferry.url()), &[]).unwrap().text(), "ready\n");
 }
+
+#[test]
+fn containerd_follows_the_redirect_to_the_bucket_and_gets_every_byte() {
+    let s3 = S3Server::start();
+    let registry = Registry::start();
+    let work = tmp_dir();
+    let layout = work.path().join("layout");
+    let image = build_image(&layout, "v1", &[3 << 20, 200 << 10], 79);
+    push_layout(&layout, "v1", &format!("{}/library/redir:v1", registry.host()), false).unwrap();
+    let cfg = on_bucket(&work.path().join("data"), &s3, &registry.url())
+        .set("storage.s3.redirect", Yaml::Bare("true".into()));
+    let ferry = Ferry::start(&cfg.yaml());
+    pull_to_dir(&format!("{}/library/redir:v1", ferry.host()), work.path().join("warm")).unwrap();
+    eventually("cached", || image.blob_digests().iter().all(|d| s3.object_path(&bucket_key(d)).exists()));
+
+    let hosts = hosts_dir(&work.path().join("certs.d"), ferry.host(), &["docker.io"]);
+    let containerd = Containerd::start();
+    let out =
+        containerd.ctr(&["content", "fetch", "--hosts-dir", &hosts.to_string_lossy(), "docker.io/library/redir:v1"]);
+    assert!(out.status.success(), "ctr content fetch: {}\n{}", String::from_utf8_lossy(&out.stderr), ferry.log_text());
+    for d in image.blob_digests() {
+        let got = containerd.ctr(&["content", "get", &d]);
+        assert_eq!(sha256_bytes(&got.stdout), d, "containerd holds the bytes of {d}");
+        let redirected =
+            ferry.log_text().lines().any(|l| l.contains(&format!("/blobs/{d}")) && l.contains("status=307"));
+        assert!(redirected, "containerd was sent to the bucket for {d}");
+    }
+}

@@ -54,6 +54,12 @@ impl S3Server {
     /// The one bucket.
     pub const BUCKET: &'static str = "ferry";
 
+    /// PID of the s3s-fs process (panics for the shared server, whose PID is its shell's
+    /// child's).
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("a started s3s-fs").pid()
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
