@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs Ferry's whole test suite: unit tests and the end-to-end tests against a real
 # Distribution registry (Debian's docker-registry) with real clients (skopeo, containerd) and
-# a real S3-compatible server (s3s-fs).
+# real S3-compatible servers (s3s-fs from crates.io, moto from PyPI).
 # Installs the Debian packages the tests need when they are missing (as root), or stops
 # with the command to run. Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -13,6 +13,7 @@ ensure_packages test.sh docker-registry=docker-registry skopeo=skopeo htpasswd=a
   openssl=openssl curl=curl containerd=containerd ctr=containerd
 
 ensure_s3s_fs
+ensure_moto
 
 cargo test --locked "$@"
 # The pull-through, cache, durability and hosted suites once more with every Ferry on a bucket

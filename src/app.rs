@@ -79,6 +79,9 @@ impl App {
     pub fn new(config: &Config) -> Result<Arc<App>, StartError> {
         let metrics = Arc::new(Metrics::new()?);
         let storage: Arc<dyn Storage> = Arc::new(Metered::new(open_storage(config)?, metrics.clone()));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(report_abandoned_uploads(storage.clone()));
+        }
         let mut pools = HashMap::new();
         for (name, reg) in &config.registries {
             pools.insert(name.clone(), Arc::new(Pool::new(name, reg, metrics.clone())?));
@@ -127,6 +130,21 @@ impl App {
             token_realm: config.hosted.token_realm.clone(),
             scheme: if config.tls.is_some() { "https" } else { "http" },
         }))
+    }
+}
+
+/// Says at start-up whether a crash left multipart uploads in the bucket (older than a day, so
+/// none of a live replica's): `ferry cache verify` aborts them, the lifecycle rule too.
+async fn report_abandoned_uploads(storage: Arc<dyn Storage>) {
+    const DAY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+    if let Ok(Some(keys)) = storage.abandoned_uploads(DAY, false).await {
+        if !keys.is_empty() {
+            tracing::warn!(
+                uploads = keys.len(),
+                "incomplete multipart uploads older than a day in the bucket: `ferry cache verify` aborts them \
+                 (or set the AbortIncompleteMultipartUpload lifecycle rule)"
+            );
+        }
     }
 }
 

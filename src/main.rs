@@ -59,8 +59,14 @@ enum CacheAction {
         #[arg(long)]
         server: Option<String>,
     },
-    /// Re-hash every blob; quarantine mismatches; exit 1 if any was found.
-    Verify,
+    /// Re-hash every blob; quarantine mismatches; abort multipart uploads a crash left in the
+    /// bucket (S3); exit 1 if any mismatch was found.
+    Verify {
+        /// Uploads begun longer ago than this are abandoned (a fetch of a live Ferry running
+        /// longer would lose its upload and store the blob afresh at its end).
+        #[arg(long, default_value = "1d")]
+        abandoned_after: humantime::Duration,
+    },
     /// Remove the oldest blobs until the cache fits in SIZE (e.g. 100GiB).
     Prune {
         /// Target size.
@@ -97,8 +103,14 @@ fn cache_command(config: &Config, action: CacheAction) -> Result<bool, String> {
                 }
                 Ok(true)
             }
-            CacheAction::Verify => {
-                let v = admin::verify(storage).await.map_err(|e| e.to_string())?;
+            CacheAction::Verify { abandoned_after } => {
+                let v = admin::verify(storage, abandoned_after.into()).await.map_err(|e| e.to_string())?;
+                match &v.abandoned_uploads {
+                    Some(keys) => keys.iter().for_each(|k| println!("ABANDONED UPLOAD {k} (aborted)")),
+                    None => println!(
+                        "multipart uploads: the S3 server cannot list them; the bucket's lifecycle rule removes abandoned ones"
+                    ),
+                }
                 println!("blobs verified: {}", v.good_blobs);
                 for d in &v.bad_blobs {
                     println!("MISMATCH {d} (moved to {}/quarantine/)", store_name(config));

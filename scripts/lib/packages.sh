@@ -35,3 +35,15 @@ ensure_s3s_fs() {
   echo "installing s3s-fs 0.14.1 into target/tools (cargo install, about 2 minutes)" >&2
   cargo install --quiet --locked --root target/tools s3s-fs@0.14.1 --features binary
 }
+
+# ensure_moto: installs moto's S3 server (PyPI, pinned) into a venv under target/tools when
+# moto_server is missing: the S3 tests need one server with ListMultipartUploads, which s3s-fs
+# lacks. Call after ensure_s3s_fs (which puts target/tools/bin on PATH).
+ensure_moto() {
+  command -v moto_server >/dev/null 2>&1 && return 0
+  echo "installing moto[server] 5.2.1 into target/tools/moto (pip, about a minute)" >&2
+  python3 -m venv target/tools/moto
+  target/tools/moto/bin/pip install --quiet --disable-pip-version-check 'moto[server]==5.2.1'
+  mkdir -p target/tools/bin
+  ln -sf "$PWD/target/tools/moto/bin/moto_server" target/tools/bin/moto_server
+}

@@ -43,11 +43,17 @@ pub struct Verified {
     pub bad_blobs: Vec<Digest>,
     /// Manifest records that did not decode or match their digest, now removed.
     pub bad_manifests: Vec<String>,
+    /// Keys of incomplete multipart uploads a crash left (S3), now aborted; `None` if the
+    /// store's server cannot list them.
+    pub abandoned_uploads: Option<Vec<String>>,
 }
 
-/// Re-hashes every blob (quarantining mismatches) and checks every manifest record.
-pub async fn verify(storage: &dyn Storage) -> io::Result<Verified> {
-    let mut out = Verified::default();
+/// Re-hashes every blob (quarantining mismatches), checks every manifest record, and aborts
+/// multipart uploads begun more than `abandoned_after` ago (a fetch running longer than that
+/// in a live Ferry would lose its upload and store the blob afresh at its commit).
+pub async fn verify(storage: &dyn Storage, abandoned_after: std::time::Duration) -> io::Result<Verified> {
+    let mut out =
+        Verified { abandoned_uploads: storage.abandoned_uploads(abandoned_after, true).await?, ..Verified::default() };
     for blob in storage.list_blobs().await? {
         let Some(mut stream) = storage.read_blob(&blob.digest, 0, blob.size).await? else { continue };
         let mut hasher = DigestVerifier::new();

@@ -143,6 +143,10 @@ impl Storage for Metered {
         self.op(PROBE, self.inner.probe())
     }
 
+    fn abandoned_uploads(&self, older_than: Duration, abort: bool) -> BoxFuture<'_, io::Result<Option<Vec<String>>>> {
+        self.op(LIST, self.inner.abandoned_uploads(older_than, abort))
+    }
+
     fn degraded(&self) -> BoxFuture<'_, Option<String>> {
         Box::pin(async move {
             let found = self.inner.degraded().await;

@@ -10,9 +10,10 @@
 //! * [`marks`]: hosted ownership marks (shared facts of the cache and hosted namespaces).
 //! * [`fs`]: the filesystem backend; `mapped`: its cache hits as slices of a memory map.
 //! * [`s3`]: the S3-compatible backend (local staging); `multipart`: the upload alongside a
-//!   fetch; `hot`: its local copy of hot blobs.
+//!   fetch; `hot`: its local copy of hot blobs; `abandoned`: uploads a crash left behind.
 //! * [`Metered`]: either backend with its operations timed and its failures counted.
 
+mod abandoned;
 pub mod fs;
 mod hot;
 pub mod layout;
@@ -77,6 +78,16 @@ pub trait Storage: Send + Sync + 'static {
     /// `storage.s3.redirect`), or `None` to have Ferry stream it.
     fn blob_url(&self, _digest: &Digest) -> BoxFuture<'_, io::Result<Option<String>>> {
         Box::pin(async { Ok(None) })
+    }
+    /// Keys of incomplete multipart uploads under this store begun more than `older_than`
+    /// ago, aborted if `abort`; `None` if the store's server cannot list them. A store with no
+    /// such uploads (the filesystem) has none.
+    fn abandoned_uploads(
+        &self,
+        _older_than: std::time::Duration,
+        _abort: bool,
+    ) -> BoxFuture<'_, io::Result<Option<Vec<String>>>> {
+        Box::pin(async { Ok(Some(Vec::new())) })
     }
     /// What is wrong with a part of the store Ferry can serve without (the bucket of the S3
     /// backend: blobs then stream uncached from the upstreams), or `None` if all is well.

@@ -33,6 +33,7 @@ use object_store::{
     ClientConfigKey, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
 };
 
+use super::abandoned;
 use super::hot::HotTier;
 use super::multipart::{Alongside, Uploaded, Uploads};
 use super::{layout, BlobInfo, ByteStream, FsStorage, Staged, Storage};
@@ -48,6 +49,8 @@ pub struct S3Storage {
     hot: Option<Arc<HotTier>>,
     redirect: Option<Duration>,
     uploads: Uploads,
+    /// For the few requests `object_store` has no call for (see [`super::abandoned`]).
+    admin_http: reqwest::Client,
 }
 
 impl S3Storage {
@@ -89,7 +92,13 @@ impl S3Storage {
             part_size: config.upload_part_size.as_u64() as usize,
             parts: Arc::new(tokio::sync::Semaphore::new(config.upload_concurrency)),
         };
+        let admin_http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .build()
+            .map_err(io::Error::other)?;
         Ok(S3Storage {
+            admin_http,
             store,
             prefix: config.prefix.clone(),
             local,
@@ -368,6 +377,18 @@ impl Storage for S3Storage {
             }
             self.store.delete(&key).await.map_err(to_io)?;
             Ok(true)
+        })
+    }
+
+    fn abandoned_uploads(&self, older_than: Duration, abort: bool) -> BoxFuture<'_, io::Result<Option<Vec<String>>>> {
+        Box::pin(async move {
+            let Some(found) = abandoned::list(&self.store, &self.admin_http, &self.prefix, older_than).await? else {
+                return Ok(None);
+            };
+            for upload in found.iter().filter(|_| abort) {
+                abandoned::abort(&self.store, &self.admin_http, upload).await?;
+            }
+            Ok(Some(found.into_iter().map(|u| u.key).collect()))
         })
     }
 

@@ -63,7 +63,7 @@ pub use self::{
 };
 
 /// How to get the external tools the end-to-end tests rely on.
-pub const INSTALL_HINT: &str = "apt-get install -y docker-registry skopeo apache2-utils containerd && cargo install s3s-fs@0.14.1 --features binary --locked (scripts/test.sh does both)";
+pub const INSTALL_HINT: &str = "apt-get install -y docker-registry skopeo apache2-utils containerd && cargo install s3s-fs@0.14.1 --features binary --locked && pip install 'moto[server]==5.2.1' (scripts/test.sh does all three)";
 
 /// OCI image manifest media type.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

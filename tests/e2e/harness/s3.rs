@@ -230,3 +230,78 @@ impl S3Server {
         server
     }
 }
+
+/// A real moto server (`moto_server`, from PyPI: an in-memory S3 with the broader API, among
+/// it ListMultipartUploads, which s3s-fs lacks) with one bucket, `ferry`. It accepts any
+/// credentials and unsigned requests, so a test can look at it with plain HTTP.
+pub struct MotoServer {
+    dir: TempDir,
+    port: u16,
+    _proc: Proc,
+}
+
+impl MotoServer {
+    /// Starts moto on a free port and creates the bucket.
+    pub fn start() -> MotoServer {
+        require_tool("moto_server");
+        let dir = tmp_dir();
+        fs::write(dir.path().join("secret"), S3_SECRET_KEY).expect("write the secret key file");
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            let mut cmd = Command::new("moto_server");
+            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+            let mut proc = Proc::spawn("moto_server", &mut cmd, dir.path().join("moto.log"));
+            let url = format!("http://127.0.0.1:{port}");
+            let deadline = Instant::now() + READY_TIMEOUT;
+            loop {
+                if let Some(status) = proc.exited() {
+                    last = format!("moto_server exited ({status}): {}", read(&dir.path().join("moto.log")));
+                    break;
+                }
+                if let Ok(r) =
+                    http_request_timeout("PUT", &format!("{url}/{}", S3Server::BUCKET), &[], Duration::from_secs(2))
+                {
+                    assert_eq!(r.status, 200, "create the bucket: {}", r.text());
+                    return MotoServer { dir, port, _proc: proc };
+                }
+                if Instant::now() >= deadline {
+                    last = "moto_server did not answer in time".into();
+                    break;
+                }
+                thread::sleep(POLL_INTERVAL);
+            }
+        }
+        panic!("moto_server did not start: {last}")
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The `storage.s3` section for this server under `prefix`.
+    pub fn section(&self, prefix: &str) -> Yaml {
+        let mut s = Yaml::Map(Vec::new());
+        s.insert("bucket", S3Server::BUCKET.into());
+        s.insert("endpoint", self.url().into());
+        s.insert("prefix", prefix.into());
+        s.insert("path_style", Yaml::Bare("true".into()));
+        s.insert("access_key_id", S3_ACCESS_KEY.into());
+        s.insert("secret_access_key_file", self.dir.path().join("secret").as_path().into());
+        s.insert("upload_part_size", "5MiB".into());
+        s
+    }
+
+    /// The keys of the bucket's incomplete multipart uploads (an unsigned ListMultipartUploads).
+    pub fn pending_uploads(&self) -> Vec<String> {
+        let r = super::http_request("GET", &format!("{}/{}?uploads", self.url(), S3Server::BUCKET), &[])
+            .expect("list multipart uploads");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.text()
+            .split("<Upload>")
+            .skip(1)
+            .filter_map(|u| Some(u.split("<Key>").nth(1)?.split("</Key>").next()?.to_owned()))
+            .collect()
+    }
+}
