@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/packages.sh
 source scripts/lib/packages.sh
 ensure_packages test.sh docker-registry=docker-registry skopeo=skopeo htpasswd=apache2-utils \
-  openssl=openssl curl=curl containerd=containerd ctr=containerd
+  openssl=openssl curl=curl containerd=containerd ctr=containerd redis-server=redis-server
 
 ensure_s3s_fs
 ensure_moto

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::auth::Auth;
 use crate::cache::Cache;
+use crate::cluster::Cluster;
 use crate::config::{ChallengeKind, Config};
 use crate::hosted::Hosted;
 use crate::metrics::Metrics;
@@ -35,6 +36,8 @@ pub struct App {
     pub token_realm: Option<String>,
     /// `https` with TLS, else `http` (for the derived token realm).
     pub scheme: &'static str,
+    /// The other replicas (`cluster:`), if any.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// A start-up failure.
@@ -71,6 +74,9 @@ pub enum StartError {
     /// The htpasswd file could not be loaded.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthError),
+    /// The cluster section could not be set up.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl App {
@@ -86,7 +92,16 @@ impl App {
         for (name, reg) in &config.registries {
             pools.insert(name.clone(), Arc::new(Pool::new(name, reg, metrics.clone())?));
         }
-        let auth = Auth::from_config(&config.hosted)?.map(Arc::new);
+        let cluster = match &config.cluster {
+            Some(c) => Some(Cluster::new(c, metrics.clone())?),
+            None => None,
+        };
+        let auth = Auth::from_config(&config.hosted)?
+            .map(|a| match &cluster {
+                Some(c) => a.with_token_key(c.token_key()),
+                None => a,
+            })
+            .map(Arc::new);
         let hosted = match &auth {
             Some(auth) if !config.hosted.namespaces.is_empty() => {
                 let hosted = Hosted::new(
@@ -116,9 +131,12 @@ impl App {
                 budget: crate::cache::RingBudget::new(config.limits.fetch_ring_total.as_u64()),
             },
         };
-        let (clock, guard_private) = (Arc::new(crate::cache::SystemClock), hosted.is_some());
-        let cache =
-            Cache::new(storage.clone(), pools, config.cache.clone(), bounds, guard_private, metrics.clone(), clock);
+        let services = crate::cache::Services {
+            metrics: metrics.clone(),
+            clock: Arc::new(crate::cache::SystemClock),
+            cluster: cluster.clone(),
+        };
+        let cache = Cache::new(storage.clone(), pools, config.cache.clone(), bounds, hosted.is_some(), services);
         Ok(Arc::new(App {
             router,
             cache,
@@ -129,6 +147,7 @@ impl App {
             challenge: config.hosted.challenge,
             token_realm: config.hosted.token_realm.clone(),
             scheme: if config.tls.is_some() { "https" } else { "http" },
+            cluster,
         }))
     }
 }

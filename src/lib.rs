@@ -3,12 +3,13 @@
 //! In short: `app` builds everything from the `config`; `http` listens and answers each
 //! request path; `registry` decides whether a name is hosted or which mirrored registry it
 //! means; `cache` serves manifests and blobs from `storage` or fetches them, once per digest,
-//! through `upstream`. `distribution` and `config` are pure leaves; `metrics` names every
+//! through `upstream`, and, with `cluster`, across replicas that share a bucket and a Redis. `distribution` and `config` are pure leaves; `metrics` names every
 //! exported series. `hosted` serves private namespaces that accept pushes, guarded by `auth`.
 
 pub mod app;
 pub mod auth;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod distribution;
 pub mod hosted;

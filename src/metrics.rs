@@ -49,6 +49,14 @@ pub struct Metrics {
     pub cache_blobs: IntGauge,
     /// `ferry_cache_evictions_total`: blobs removed to stay under `storage.max_size`.
     pub cache_evictions: IntCounter,
+    /// `ferry_cluster_degraded`: 1 while Redis does not answer (the replica works alone).
+    pub cluster_degraded: IntGauge,
+    /// `ferry_cluster_redis_errors_total`: Redis commands that failed or timed out.
+    pub cluster_redis_errors: IntCounter,
+    /// `ferry_cluster_fetches_total{role}`: blob fetches by how this replica took part
+    /// (`owner`: it held the lease; `peer`: streamed from the owner; `takeover`: the owner
+    /// went away mid-way; `alone`: Redis did not answer).
+    pub cluster_fetches: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
@@ -94,7 +102,21 @@ impl Metrics {
         let cache_evictions =
             IntCounter::new("ferry_cache_evictions_total", "Blobs evicted to stay under storage.max_size.")?;
         r.register(Box::new(cache_evictions.clone()))?;
+        let cluster_degraded =
+            IntGauge::new("ferry_cluster_degraded", "1 while Redis does not answer and this replica works alone.")?;
+        r.register(Box::new(cluster_degraded.clone()))?;
+        let cluster_redis_errors =
+            IntCounter::new("ferry_cluster_redis_errors_total", "Redis commands that failed or timed out.")?;
+        r.register(Box::new(cluster_redis_errors.clone()))?;
         Ok(Metrics {
+            cluster_degraded,
+            cluster_redis_errors,
+            cluster_fetches: counter_vec(
+                &r,
+                "ferry_cluster_fetches_total",
+                "Blob fetches by this replica's part in them (owner, peer, takeover, alone).",
+                &["role"],
+            )?,
             cache_size_bytes,
             cache_blobs,
             cache_evictions,

@@ -118,8 +118,8 @@ pub struct Auth {
     proxied_requires_auth: bool,
     /// Per-process secret keying the verdict cache (see the module comment).
     key: [u8; 32],
-    /// Per-process secret signing bearer tokens (tokens die with the process; clients simply
-    /// fetch new ones).
+    /// Secret signing bearer tokens: per process (tokens die with it; clients simply fetch new
+    /// ones), or the cluster's, shared by every replica.
     token_key: [u8; 32],
     verdicts: moka::future::Cache<[u8; 32], bool>,
     /// bcrypt runs at most this many at once: a flood of wrong passwords (each a fresh cache
@@ -173,6 +173,13 @@ impl Auth {
             bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(BCRYPT_CONCURRENCY)),
             verdicts: moka::future::Cache::builder().max_capacity(VERDICT_CAPACITY).time_to_live(VERDICT_TTL).build(),
         })
+    }
+
+    /// Signs bearer tokens with `key` instead of a per-process one: replicas of a cluster,
+    /// sharing the key, accept each other's tokens.
+    pub fn with_token_key(mut self, key: [u8; 32]) -> Auth {
+        self.token_key = key;
+        self
     }
 
     /// Who sent `headers`: anonymous without `Authorization`, a user whose Basic credentials

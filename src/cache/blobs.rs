@@ -101,6 +101,17 @@ impl Cache {
             return Box::pin(self.blob(route, digest, range, false)).await;
         };
         self.count("blob", if joined { "coalesced" } else { "miss" });
+        self.answer_from(reader, digest, range).await
+    }
+
+    /// Once an upstream (or the owner replica) answered, streams the range asked for from
+    /// `reader` as the fetch receives it.
+    pub(super) async fn answer_from(
+        &self,
+        reader: super::tail::Reader,
+        digest: &Digest,
+        range: Option<ByteRange>,
+    ) -> Result<BlobAnswer, ProtocolError> {
         let mut rx = reader.progress();
         let progress = rx
             .wait_for(|p| p.ready || p.done.is_some())

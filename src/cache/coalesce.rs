@@ -70,3 +70,41 @@ impl Drop for RemoveOnDrop {
         }
     }
 }
+
+impl super::Cache {
+    /// With a cluster, the one flight for `what` across replicas: while another replica's
+    /// flight runs, waits (at most two lease TTLs) and serves what it stored, which
+    /// `answered` reads from the shared store. `Ok(lease)`: do the flight here, holding the
+    /// lease until it ends (`None`: no cluster, Redis down, or the wait ran out).
+    pub(super) async fn across_cluster<F, Fut>(
+        &self,
+        what: &str,
+        answered: F,
+    ) -> Result<Option<crate::cluster::Lease>, Arc<Manifest>>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Option<Arc<Manifest>>>,
+    {
+        use crate::cluster::Claim;
+        let Some(cluster) = &self.cluster else { return Ok(None) };
+        let key = crate::cluster::lease::flight_key(what);
+        let deadline = std::time::Instant::now() + cluster.lease_ttl() * 2;
+        loop {
+            if let Some(m) = answered().await {
+                return Err(m);
+            }
+            match cluster.claim(key.clone()).await {
+                Claim::Owner(lease) => {
+                    // The last flight may have stored its answer between the look and the claim.
+                    return match answered().await {
+                        Some(m) => Err(m),
+                        None => Ok(Some(lease)),
+                    };
+                }
+                Claim::Alone => return Ok(None),
+                Claim::Held(_) if std::time::Instant::now() >= deadline => return Ok(None),
+                Claim::Held(_) => tokio::time::sleep(cluster.poll_interval()).await,
+            }
+        }
+    }
+}

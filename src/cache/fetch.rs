@@ -17,10 +17,13 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use http::Method;
 use tokio::sync::watch;
 
+use super::peer::PeerEnd;
 use super::ring::{FrameRing, RingBudget};
 use super::tail::Reader;
 use super::writer::{Outcome, StagingWriter, MIN_BATCH};
 use super::Cache;
+use crate::cluster::lease::fetch_key;
+use crate::cluster::{Claim, Lease};
 use crate::config::Capability;
 use crate::distribution::{internal, Digest, ErrorCode, ProtocolError, RepoName};
 use crate::metrics::Metrics;
@@ -66,6 +69,28 @@ pub(super) struct BlobFetch {
 /// A reader of a fetch, and whether the fetch was joined (not started).
 pub(super) type Joined = (Reader, bool);
 
+/// Where a fetch gets its bytes.
+pub(super) enum Origin {
+    /// The upstreams, holding the cluster's lease for the digest when there is a cluster.
+    Upstreams(Option<Lease>),
+    /// The replica at this URL holds the lease: stream its fetch in progress (`None`: the
+    /// holder cannot be asked yet; wait until the lease names one or lapses).
+    Peer(Option<String>),
+}
+
+/// How a fetch's work ended.
+struct Ended {
+    /// The blob's size, or the failure.
+    result: Result<u64, ProtocolError>,
+    /// What went to the staging file (and counted against max_size).
+    staged_bytes: u64,
+    /// Commit it: this replica fetched it from an upstream. A blob streamed whole from the
+    /// replica that owns the fetch is that replica's to commit.
+    publish: bool,
+    /// Held until the commit ended, so nobody starts the same fetch before the blob is stored.
+    lease: Option<Lease>,
+}
+
 impl Cache {
     /// Joins the fetch in progress for `digest`, or starts one; `None` when the blob is on disk
     /// by now (serve it as a hit).
@@ -85,7 +110,14 @@ impl Cache {
             return Ok(None);
         }
         let pool = self.pool(&route.registry)?;
-        let staged = match self.storage.stage_blob(digest).await {
+        let Some((origin, role)) = self.origin(digest).await else { return Ok(None) };
+        // A blob streamed from its owner is the owner's to store: a plain staging file (no
+        // upload alongside), kept for the readers that fall behind.
+        let staging = match &origin {
+            Origin::Upstreams(_) => self.storage.stage_blob(digest).await,
+            Origin::Peer(_) => self.storage.stage().await,
+        };
+        let staged = match staging {
             Ok(s) => Some(Arc::new(s)),
             Err(e) => {
                 // A full or broken disk never fails a pull: this one streams through uncached.
@@ -111,6 +143,9 @@ impl Cache {
             // Listed even without a staging file: others join while its ring has every byte.
             map.insert(digest.clone(), fetch.clone());
         }
+        if let Some(role) = role {
+            self.metrics.cluster_fetches.with_label_values(&[role]).inc();
+        }
         let this = self.clone();
         let (repo, digest, me) = (route.repo.clone(), digest.clone(), fetch.clone());
         tokio::spawn(async move {
@@ -118,25 +153,44 @@ impl Cache {
             // Cleans up however the task ends, a panic included: a fetch left in the map
             // without a verdict would hang or fail every later request for this digest.
             let guard = FetchGuard { cache: this.clone(), digest, me, tx };
-            this.fetch_task(&pool, &repo, guard).await;
+            this.fetch_task(&pool, &repo, guard, origin).await;
         });
         Ok(Some((reader, false)))
     }
 
+    /// Who fetches `digest`: with a cluster, the replica that holds its lease; this one from
+    /// the upstreams otherwise, with the role it is counted under once it starts (`None`: no
+    /// cluster). `None`: the replica that held the lease stored the blob since.
+    async fn origin(&self, digest: &Digest) -> Option<(Origin, Option<&'static str>)> {
+        let Some(cluster) = &self.cluster else { return Some((Origin::Upstreams(None), None)) };
+        let (origin, role) = match cluster.claim(fetch_key(digest)).await {
+            Claim::Owner(lease) => {
+                // The last owner may have stored it and let go between our look and the claim.
+                if let Ok(Some(_)) = self.storage.blob_size(digest).await {
+                    return None;
+                }
+                (Origin::Upstreams(Some(lease)), "owner")
+            }
+            Claim::Held(owner) => (Origin::Peer(owner), "peer"),
+            Claim::Alone => (Origin::Upstreams(None), "alone"),
+        };
+        Some((origin, Some(role)))
+    }
+
     /// A fetch in progress that can still be joined: one that is writing to disk, or one
     /// relaying (the disk refused it) whose ring still holds every byte not in the file.
-    fn try_join(&self, digest: &Digest) -> Result<Option<Joined>, ProtocolError> {
+    pub(super) fn try_join(&self, digest: &Digest) -> Result<Option<Joined>, ProtocolError> {
         let map = self.blob_fetches.lock().map_err(|e| internal("lock poisoned", e))?;
         Ok(map.get(digest).and_then(Reader::join).map(|r| (r, true)))
     }
 
     /// The body of a fetch's task: the fetch, the verdict to every reader, then the commit.
-    async fn fetch_task(&self, pool: &Pool, repo: &RepoName, guard: FetchGuard) {
+    async fn fetch_task(&self, pool: &Pool, repo: &RepoName, guard: FetchGuard, origin: Origin) {
         let digest = guard.digest.clone();
         let staged = guard.me.staged.clone();
-        // `staged_bytes`: what went to the staging file (and counted against max_size).
-        let (result, staged_bytes) = self.run_fetch(pool, repo, &digest, &guard.me, &guard.tx).await;
-        let cacheable = guard.tx.borrow().relay_from.is_none();
+        let Ended { result, staged_bytes, publish, lease } =
+            self.run_fetch(pool, repo, &digest, &guard.me, &guard.tx, origin).await;
+        let cacheable = publish && guard.tx.borrow().relay_from.is_none();
         let (result, to_commit) = match (result, staged) {
             (Ok(size), Some(staged)) if cacheable => (Ok(()), Some((staged, size))),
             (Ok(_), _) => (Ok(()), None),
@@ -163,15 +217,16 @@ impl Cache {
         // one after it finds the blob on disk.
         guard.me.ring.release();
         drop(guard);
+        drop(lease);
         self.evictor.staged_done(staged_bytes);
         if let Some(size) = committed {
             self.evictor.added(&digest, size).await;
         }
     }
 
-    /// Streams the blob from the first upstream that can, resuming with `Range` (or re-reading
-    /// and discarding) when a stream breaks, then verifies the digest. Returns the blob's size
-    /// (or the failure), and how many bytes went to the staging file.
+    /// Streams the blob from the replica that owns its fetch, or from the first upstream that
+    /// can (resuming with `Range`, or re-reading and discarding, when a stream breaks), then
+    /// verifies the digest.
     async fn run_fetch(
         &self,
         pool: &Pool,
@@ -179,9 +234,8 @@ impl Cache {
         digest: &Digest,
         fetch: &BlobFetch,
         tx: &watch::Sender<Progress>,
-    ) -> (Result<u64, ProtocolError>, u64) {
-        let req = UpstreamRequest::new(Method::GET, repo, format!("blobs/{digest}"), Capability::Pull);
-        let mut attempts = pool.attempts(req);
+        origin: Origin,
+    ) -> Ended {
         let mut received = Received {
             fetch,
             tx,
@@ -193,32 +247,66 @@ impl Cache {
             limit: self.declared.get(digest).await.unwrap_or(u64::MAX).min(self.max_blob_size),
             evictor: &self.evictor,
             staged_bytes: 0,
+            from_peer: false,
         };
+        let lease = match (origin, &self.cluster) {
+            (Origin::Upstreams(lease), _) => lease,
+            (Origin::Peer(owner), Some(cluster)) => {
+                match received.through_peers(cluster, &*self.storage, owner, digest).await {
+                    Ok(PeerEnd::Whole) => {
+                        let result = match received.finish().await {
+                            Ok(()) => received.verify(digest, None),
+                            Err(e) => Err(e),
+                        };
+                        return Ended { result, staged_bytes: 0, publish: false, lease: None };
+                    }
+                    Ok(PeerEnd::Upstreams(lease)) => lease,
+                    Err(e) => {
+                        return Ended {
+                            result: Err(e),
+                            staged_bytes: received.staged_bytes,
+                            publish: false,
+                            lease: None,
+                        }
+                    }
+                }
+            }
+            (Origin::Peer(_), None) => None,
+        };
+        let fail = |result, received: &Received, lease| Ended {
+            result,
+            staged_bytes: received.staged_bytes,
+            publish: true,
+            lease,
+        };
+        let req = UpstreamRequest::new(Method::GET, repo, format!("blobs/{digest}"), Capability::Pull);
+        let mut attempts = pool.attempts(req);
         let upstream = match received.fetch(&mut attempts).await {
             Ok(Some(upstream)) => upstream,
             Ok(None) => {
                 let error = attempts.into_error(ErrorCode::BlobUnknown, &format!("blob {digest}"));
-                return (Err(error), received.staged_bytes);
+                return fail(Err(error), &received, lease);
             }
-            Err(e) => return (Err(e), received.staged_bytes),
+            Err(e) => return fail(Err(e), &received, lease),
         };
         if let Err(e) = received.finish().await {
-            return (Err(e), received.staged_bytes);
+            return fail(Err(e), &received, lease);
         }
         let staged_bytes = received.staged_bytes;
-        (received.verify(digest, pool, &upstream, attempts.tried()), staged_bytes)
+        let result = received.verify(digest, Some((pool, &upstream, attempts.tried())));
+        Ended { result, staged_bytes, publish: true, lease }
     }
 }
 
 /// What one fetch has received so far, across the upstreams it asked, and where it goes.
-struct Received<'a> {
+pub(super) struct Received<'a> {
     fetch: &'a BlobFetch,
     tx: &'a watch::Sender<Progress>,
-    metrics: &'a Metrics,
+    pub(super) metrics: &'a Metrics,
     /// Hashes every byte kept and stages it.
     writer: StagingWriter,
     /// Bytes received and kept (in the ring, and handed to the writer).
-    kept: u64,
+    pub(super) kept: u64,
     /// The blob's size, once an upstream announced it.
     total: Option<u64>,
     /// Most bytes this blob may have: an endless body is cut off here.
@@ -227,7 +315,13 @@ struct Received<'a> {
     evictor: &'a super::Evictor,
     /// Bytes handed to the staging file.
     staged_bytes: u64,
+    /// The body being copied comes from another replica (or the store), not an upstream: its
+    /// bytes are not upstream traffic.
+    pub(super) from_peer: bool,
 }
+
+/// Who sent a blob that ended: the pool, the upstream that ended it, and who else was tried.
+type Blame<'a> = (&'a Pool, &'a Upstream, &'a [(String, Reason)]);
 
 /// How a body ended within a batch.
 enum End {
@@ -292,9 +386,17 @@ impl Received<'_> {
     /// Checks that an answer continues the bytes already received, and tells the readers who
     /// is streaming. Returns how many leading bytes of its body are already here (an upstream
     /// without range support restarts from zero).
-    fn place(&mut self, response: &reqwest::Response, name: &str) -> Result<u64, Reason> {
-        let (body_start, body_total) =
-            body_span(response).ok_or_else(|| Reason::Body("unusable Content-Range".into()))?;
+    pub(super) fn place(&mut self, response: &reqwest::Response, name: &str) -> Result<u64, Reason> {
+        let span = body_span(response).ok_or_else(|| Reason::Body("unusable Content-Range".into()))?;
+        self.place_span(span, name)
+    }
+
+    /// [`Self::place`] for a body that starts at `body_start` of `body_total` bytes.
+    pub(super) fn place_span(
+        &mut self,
+        (body_start, body_total): (u64, Option<u64>),
+        name: &str,
+    ) -> Result<u64, Reason> {
         if body_start > self.kept || (self.total.is_some() && body_total.is_some() && self.total != body_total) {
             return Err(Reason::Body("answer does not continue the bytes already received".into()));
         }
@@ -314,9 +416,15 @@ impl Received<'_> {
     /// Copies one body, skipping its first `discard` bytes, while the writer hashes and stages
     /// the batches behind it. `Ok(Err(reason))`: it broke (or overran the announced size); the
     /// bytes kept so far stay.
-    async fn copy<S>(&mut self, mut body: S, mut discard: u64, name: &str) -> Result<Result<(), Reason>, ProtocolError>
+    pub(super) async fn copy<S, E>(
+        &mut self,
+        mut body: S,
+        mut discard: u64,
+        name: &str,
+    ) -> Result<Result<(), Reason>, ProtocolError>
     where
-        S: Stream<Item = reqwest::Result<Bytes>> + Unpin,
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::error::Error + 'static,
     {
         loop {
             let step = if self.writer.full() {
@@ -339,7 +447,9 @@ impl Received<'_> {
                 }
                 Step::Received(batch) => batch,
             };
-            self.metrics.upstream_bytes.with_label_values(&[name]).inc_by(received as u64);
+            if !self.from_peer {
+                self.metrics.upstream_bytes.with_label_values(&[name]).inc_by(received as u64);
+            }
             skip_prefix(&mut bufs, &mut discard);
             let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
             if self.total.is_some_and(|t| self.kept + len > t) {
@@ -406,7 +516,7 @@ impl Received<'_> {
     }
 
     /// Hands the last bytes to the writer and waits until every batch is done.
-    async fn finish(&mut self) -> Result<(), ProtocolError> {
+    pub(super) async fn finish(&mut self) -> Result<(), ProtocolError> {
         loop {
             self.start_batch(0).await;
             match self.writer.wait().await? {
@@ -416,20 +526,22 @@ impl Received<'_> {
         }
     }
 
-    /// The digest verdict once `upstream` ended the body (every batch hashed). On a mismatch
-    /// the one upstream that sent every byte is benched at once; when `tried` shows bytes may
-    /// have come from several, which one lied is unknown, so each gets an ordinary failure
-    /// instead. Returns the size.
-    fn verify(
-        self,
-        digest: &Digest,
-        pool: &Pool,
-        upstream: &Upstream,
-        tried: &[(String, Reason)],
-    ) -> Result<u64, ProtocolError> {
+    /// The digest verdict once the body ended (every batch hashed). `blame`: the upstream
+    /// that ended it, the pool, and who else was tried (`None`: another replica sent it, and
+    /// it verifies what it fetches itself). On a mismatch the one upstream that sent every
+    /// byte is benched at once; when `tried` shows bytes may have come from several, which one
+    /// lied is unknown, so each gets an ordinary failure instead. Returns the size.
+    fn verify(self, digest: &Digest, blame: Option<Blame<'_>>) -> Result<u64, ProtocolError> {
         let got = self.writer.digest().ok_or_else(|| internal("blob verified before it was hashed", digest))?;
         if got != *digest {
             self.metrics.digest_mismatches.inc();
+            let Some((pool, upstream, tried)) = blame else {
+                tracing::error!(expected = %digest, %got, "blob from another replica does not match its digest; discarded");
+                return Err(ProtocolError::new(
+                    ErrorCode::DigestInvalid,
+                    format!("bytes received do not match {digest}"),
+                ));
+            };
             let resumed = !tried.is_empty() && self.kept > 0;
             if resumed {
                 let reason = Reason::Body("digest mismatch in a resumed blob".into());
@@ -454,9 +566,10 @@ impl Received<'_> {
 
 /// The next piece of a body and whatever else has already arrived (up to four read chunks),
 /// so the disk sees few large writes.
-async fn next_batch<S>(body: &mut S) -> Batch
+async fn next_batch<S, E>(body: &mut S) -> Batch
 where
-    S: Stream<Item = reqwest::Result<Bytes>> + Unpin,
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::error::Error + 'static,
 {
     let mut batch = Batch { bufs: Vec::new(), received: 0, end: None };
     let mut piece = body.next().await;

@@ -119,6 +119,7 @@ impl Cache {
         let this = self.clone();
         let (route, digest_owned, accept) = (route.clone(), digest.clone(), accept.to_vec());
         let key = format!("{}\n{digest}", route.registry);
+        let key2 = key.clone();
         self.coalesce_manifest(key, async move {
             // A flight that ended while this request read the store left its answer in memory;
             // a store read (a bucket's GET) can take longer than a whole flight.
@@ -128,6 +129,15 @@ impl Cache {
                     return Ok((m, Source::Cache));
                 }
             }
+            // Another replica's flight stores the record this one reads.
+            let across = this.across_cluster(&format!("manifest\n{key2}"), || this.local_manifest(&digest_owned)).await;
+            let _lease = match across {
+                Ok(lease) => lease,
+                Err(m) => {
+                    this.count("manifest", "hit");
+                    return Ok((m, Source::Cache));
+                }
+            };
             let reference = Reference::Digest(digest_owned);
             let (m, up) = this.fetch_manifest(&route, &reference, &accept, Capability::Pull).await?;
             this.store_manifest(&m).await;
@@ -211,6 +221,7 @@ impl Cache {
         let this = self.clone();
         let (route, accept) = (route.clone(), accept.to_vec());
         let coalesce_key = format!("{}\n{}\n{}\n{}", key.registry, key.repo, key.tag, key.index);
+        let flight = format!("tag\n{coalesce_key}");
         self.coalesce_manifest(coalesce_key, async move {
             let entry = match this.tags.get(&key).await {
                 Some(e) => Some(e),
@@ -220,6 +231,14 @@ impl Cache {
                 this.count("manifest", "hit");
                 return Ok((m, Source::Cache));
             }
+            // Another replica may have revalidated it within the TTL: the store is shared.
+            let _lease = match this.across_cluster(&flight, || this.stored_fresh_tag(&key, &accept)).await {
+                Ok(lease) => lease,
+                Err(m) => {
+                    this.count("manifest", "hit");
+                    return Ok((m, Source::Cache));
+                }
+            };
             this.resolve_tag(&route, key, entry, &accept).await
         })
         .await
@@ -252,6 +271,17 @@ impl Cache {
         let e = TagEntry::decode(&raw)?;
         self.tags.insert(key.clone(), e.clone()).await;
         Some(e)
+    }
+
+    /// The manifest the stored tag entry names, if that entry is fresh (bypassing memory: with
+    /// a cluster, another replica may have revalidated the tag since).
+    async fn stored_fresh_tag(&self, key: &TagKey, accept: &[String]) -> Option<Arc<Manifest>> {
+        self.cluster.as_ref()?;
+        let raw = self.storage.get_object(&key.object_key()).await.ok()??;
+        let e = TagEntry::decode(&raw)?;
+        let m = self.fresh(Some(&e), accept).await?;
+        self.tags.insert(key.clone(), e).await;
+        Some(m)
     }
 
     async fn save_tag(&self, key: &TagKey, m: &Manifest) {

@@ -8,6 +8,8 @@
 //! * `ring`: the bounded ring of recent frames a fetch shares with its readers.
 //! * `writer`: hashes and stages a fetch's bytes, one batch in flight.
 //! * `tail`: the reader that follows a fetch in progress.
+//! * `peer`: with a cluster, a fetch another replica owns, streamed from it (and the owner's
+//!   answer to such requests).
 //! * [`eviction`](Evictor), [`admin`], [`clock`](Clock).
 //!
 //! A blob fetch is a task of its own, owned by no client. It puts each batch of body frames in
@@ -22,6 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use http::Method;
 
+use crate::cluster::Cluster;
 use crate::config::{CacheConfig, Capability};
 use crate::distribution::{accept_or_all, internal, Digest, ErrorCode, Manifest, ProtocolError};
 use crate::metrics::Metrics;
@@ -37,6 +40,7 @@ mod coalesce;
 mod eviction;
 mod fetch;
 mod manifests;
+mod peer;
 mod ring;
 mod tail;
 #[cfg(test)]
@@ -74,6 +78,19 @@ pub struct Cache {
     ring: RingBounds,
     /// Blob sizes that manifests Ferry holds declare: a fetch never takes more than that.
     declared: moka::future::Cache<Digest, u64>,
+    /// The other replicas, when there are (one fetch and one tag flight across all).
+    cluster: Option<Arc<Cluster>>,
+}
+
+/// What the cache reports to, reads time from, and coordinates with.
+pub struct Services {
+    /// Every exported series.
+    pub metrics: Arc<Metrics>,
+    /// Judges tag freshness (`tag_ttl`) and staleness (`serve_stale`): [`SystemClock`] in a
+    /// running Ferry.
+    pub clock: Arc<dyn Clock>,
+    /// The cluster this replica is part of, if any.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// How much the cache may hold: cached blobs in total, one blob, and fetches in memory.
@@ -92,8 +109,7 @@ const DECLARED_CAPACITY: u64 = 200_000;
 
 impl Cache {
     /// A cache over `storage`, fetching through `pools` (one per configured registry), keeping
-    /// cached blobs within `bounds`, judging tag ages by `clock` ([`SystemClock`] in a
-    /// running Ferry). With `guard_private` (hosted namespaces share the store), content only
+    /// cached blobs within `bounds`, with `services`. With `guard_private` (hosted namespaces share the store), content only
     /// pushed here is not served on proxied paths. Must be called inside a Tokio runtime: the
     /// inventory of blobs already on disk is loaded in the background.
     pub fn new(
@@ -102,9 +118,9 @@ impl Cache {
         config: CacheConfig,
         bounds: Bounds,
         guard_private: bool,
-        metrics: Arc<Metrics>,
-        clock: Arc<dyn Clock>,
+        services: Services,
     ) -> Arc<Cache> {
+        let Services { metrics, clock, cluster } = services;
         let evictor = Evictor::new(bounds.max_size, storage.clone(), metrics.clone());
         let scanning = evictor.clone();
         tokio::spawn(async move { scanning.scan().await });
@@ -128,6 +144,7 @@ impl Cache {
             max_blob_size: bounds.max_blob_size,
             ring: bounds.ring,
             declared: moka::future::Cache::new(DECLARED_CAPACITY),
+            cluster,
         })
     }
 

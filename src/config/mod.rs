@@ -15,12 +15,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod cluster;
 mod hosted;
 mod limits;
 mod log;
 mod storage;
 mod upstream;
 
+pub use cluster::ClusterConfig;
 pub use hosted::{under, Access, AccessRule, ChallengeKind, HostedConfig};
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
@@ -71,6 +73,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// What clients may hold: connections, idle time, buffered bytes, blob size, uploads.
     pub limits: LimitsConfig,
+    /// Replicas sharing one bucket and one Redis; absent: a single replica.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `metrics:` — where else `/metrics`, `/healthz` and `/readyz` are served.
@@ -117,6 +121,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             hosted: HostedConfig::default(),
             limits: LimitsConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -221,6 +226,9 @@ impl Config {
         }
         self.hosted.validate()?;
         self.limits.validate()?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(self.storage.s3.is_some())?;
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(ConfigError::new(
                 "log.level",

@@ -18,6 +18,7 @@ use super::access_log::{self, AccessLog};
 use super::{response, token, Body};
 use crate::app::App;
 use crate::auth::{unauthorized, Auth, Identity, TOKEN_PATH};
+use crate::cluster::{peer, Cluster};
 use crate::distribution::{accept_list, range_header, split_api, Answer, Api, Digest, Endpoint};
 use crate::distribution::{ErrorCode, ProtocolError, Reference, Source};
 use crate::hosted::{Hosted, HostedRequest};
@@ -82,6 +83,11 @@ async fn dispatch(app: &App, req: Request<Incoming>, client: SocketAddr) -> (&'s
         }
         "/healthz" | "/readyz" | "/metrics" => return ("other", Ok((operations(app, path).await, None))),
         _ => {}
+    }
+    if let (Some(digest), Some(cluster)) = (path.strip_prefix(peer::PATH), &app.cluster) {
+        if read_only {
+            return ("peer", for_peer(app, cluster, &req, digest).await);
+        }
     }
     let Some(api) = path.strip_prefix("/v2/").and_then(split_api) else {
         return ("other", Err(no_endpoint(path)));
@@ -239,6 +245,19 @@ async fn proxied_blob(app: &App, req: &Request<()>, route: &Route, digest: &str)
     let digest = Digest::parse(digest)?;
     let head = req.method() == Method::HEAD;
     let blob = app.cache.blob(route, &digest, range_header(req.headers()), head).await?;
+    let source = blob.source.clone();
+    Ok((response::render(Answer::Blob { digest, blob }), Some(source)))
+}
+
+/// `GET /_ferry/peer/blobs/<digest>`: another replica of the cluster streams this replica's
+/// fetch in progress. Only a request signed with the cluster's secret is answered.
+async fn for_peer(app: &App, cluster: &Cluster, req: &Request<()>, digest: &str) -> Handled {
+    let digest = Digest::parse(digest)?;
+    let signed = req.headers().get(peer::HEADER).and_then(|v| v.to_str().ok());
+    if !signed.is_some_and(|h| cluster.verify(h, &digest)) {
+        return Err(ProtocolError::new(ErrorCode::Denied, "only replicas of this cluster may ask for this"));
+    }
+    let blob = app.cache.for_peer(&digest, range_header(req.headers())).await?;
     let source = blob.source.clone();
     Ok((response::render(Answer::Blob { digest, blob }), Some(source)))
 }

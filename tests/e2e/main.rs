@@ -9,6 +9,7 @@ mod harness;
 
 // Ferry, area by area.
 mod cache;
+mod cluster;
 mod conformance;
 mod containerd;
 mod durability;

@@ -20,7 +20,7 @@ use hyper::body::{Frame, Incoming};
 use tokio::sync::{mpsc, watch};
 
 use super::fetch::Progress;
-use super::{Cache, ManualClock};
+use super::{Cache, ManualClock, Services};
 use crate::config::{CacheConfig, RegistryConfig, UpstreamConfig};
 use crate::distribution::{Digest, ErrorCode, Reference, RepoName, Source, OCI_MANIFEST};
 use crate::metrics::Metrics;
@@ -204,7 +204,14 @@ impl Harness {
         let ring_budget = super::RingBudget::new(64 * RING);
         let ring = super::RingBounds { per_fetch: RING, budget: ring_budget.clone() };
         let bounds = super::Bounds { max_size: None, max_blob_size, ring };
-        let cache = Cache::new(storage.clone(), pools, config, bounds, false, metrics.clone(), clock.clone());
+        let cache = Cache::new(
+            storage.clone(),
+            pools,
+            config,
+            bounds,
+            false,
+            Services { metrics: metrics.clone(), clock: clock.clone(), cluster: None },
+        );
         let route = Route { registry: "docker.io".into(), repo: RepoName::parse("library/app").unwrap() };
         Harness { cache, clock, upstream, storage, metrics, route, ring_budget, dir }
     }

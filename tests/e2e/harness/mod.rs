@@ -20,6 +20,7 @@
 //! * `config.rs`: [`FerryConfig`], the typed builder for Ferry's YAML configuration.
 //! * `ferry.rs`: [`Ferry`], the binary under test, started by a [`Launcher`].
 //! * `s3.rs`: [`S3Server`], a real S3-compatible server (s3s-fs) whose buckets are directories.
+//! * `redis.rs`: [`RedisServer`], Debian's redis-server on a loopback port, stoppable.
 //! * [`fault`]: a fault-injecting reverse proxy; [`token`]: a Bearer-token issuer that a
 //!   registry started with [`Registry::start_with_token`] trusts; [`encoding`]: base64, query
 //!   strings, JWT segments, Bearer challenges.
@@ -52,6 +53,7 @@ mod ferry;
 mod http;
 mod images;
 mod process;
+mod redis;
 mod registry;
 mod s3;
 pub mod token;
@@ -59,11 +61,11 @@ pub mod token;
 // Not every includer uses every part.
 #[allow(unused_imports)]
 pub use self::{
-    clients::*, config::*, encoding::basic_auth, ferry::*, http::*, images::*, process::*, registry::*, s3::*,
+    clients::*, config::*, encoding::basic_auth, ferry::*, http::*, images::*, process::*, redis::*, registry::*, s3::*,
 };
 
 /// How to get the external tools the end-to-end tests rely on.
-pub const INSTALL_HINT: &str = "apt-get install -y docker-registry skopeo apache2-utils containerd && cargo install s3s-fs@0.14.1 --features binary --locked && pip install 'moto[server]==5.2.1' (scripts/test.sh does all three)";
+pub const INSTALL_HINT: &str = "apt-get install -y docker-registry skopeo apache2-utils containerd redis-server && cargo install s3s-fs@0.14.1 --features binary --locked && pip install 'moto[server]==5.2.1' (scripts/test.sh does all three)";
 
 /// OCI image manifest media type.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
