@@ -17,13 +17,12 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use http::Method;
 use tokio::sync::watch;
 
-use super::peer::PeerEnd;
+use super::peer::Origin;
 use super::ring::{FrameRing, RingBudget};
 use super::tail::Reader;
 use super::writer::{Outcome, StagingWriter, MIN_BATCH};
 use super::Cache;
-use crate::cluster::lease::fetch_key;
-use crate::cluster::{Claim, Lease};
+use crate::cluster::Lease;
 use crate::config::Capability;
 use crate::distribution::{internal, Digest, ErrorCode, ProtocolError, RepoName};
 use crate::metrics::Metrics;
@@ -69,26 +68,17 @@ pub(super) struct BlobFetch {
 /// A reader of a fetch, and whether the fetch was joined (not started).
 pub(super) type Joined = (Reader, bool);
 
-/// Where a fetch gets its bytes.
-pub(super) enum Origin {
-    /// The upstreams, holding the cluster's lease for the digest when there is a cluster.
-    Upstreams(Option<Lease>),
-    /// The replica at this URL holds the lease: stream its fetch in progress (`None`: the
-    /// holder cannot be asked yet; wait until the lease names one or lapses).
-    Peer(Option<String>),
-}
-
 /// How a fetch's work ended.
-struct Ended {
+pub(super) struct Ended {
     /// The blob's size, or the failure.
-    result: Result<u64, ProtocolError>,
+    pub(super) result: Result<u64, ProtocolError>,
     /// What went to the staging file (and counted against max_size).
-    staged_bytes: u64,
+    pub(super) staged_bytes: u64,
     /// Commit it: this replica fetched it from an upstream. A blob streamed whole from the
     /// replica that owns the fetch is that replica's to commit.
-    publish: bool,
+    pub(super) publish: bool,
     /// Held until the commit ended, so nobody starts the same fetch before the blob is stored.
-    lease: Option<Lease>,
+    pub(super) lease: Option<Lease>,
 }
 
 impl Cache {
@@ -158,25 +148,6 @@ impl Cache {
         Ok(Some((reader, false)))
     }
 
-    /// Who fetches `digest`: with a cluster, the replica that holds its lease; this one from
-    /// the upstreams otherwise, with the role it is counted under once it starts (`None`: no
-    /// cluster). `None`: the replica that held the lease stored the blob since.
-    async fn origin(&self, digest: &Digest) -> Option<(Origin, Option<&'static str>)> {
-        let Some(cluster) = &self.cluster else { return Some((Origin::Upstreams(None), None)) };
-        let (origin, role) = match cluster.claim(fetch_key(digest)).await {
-            Claim::Owner(lease) => {
-                // The last owner may have stored it and let go between our look and the claim.
-                if let Ok(Some(_)) = self.storage.blob_size(digest).await {
-                    return None;
-                }
-                (Origin::Upstreams(Some(lease)), "owner")
-            }
-            Claim::Held(owner) => (Origin::Peer(owner), "peer"),
-            Claim::Alone => (Origin::Upstreams(None), "alone"),
-        };
-        Some((origin, Some(role)))
-    }
-
     /// A fetch in progress that can still be joined: one that is writing to disk, or one
     /// relaying (the disk refused it) whose ring still holds every byte not in the file.
     pub(super) fn try_join(&self, digest: &Digest) -> Result<Option<Joined>, ProtocolError> {
@@ -236,7 +207,7 @@ impl Cache {
         tx: &watch::Sender<Progress>,
         origin: Origin,
     ) -> Ended {
-        let mut received = Received {
+        let received = Received {
             fetch,
             tx,
             metrics: &self.metrics,
@@ -249,29 +220,9 @@ impl Cache {
             staged_bytes: 0,
             from_peer: false,
         };
-        let lease = match (origin, &self.cluster) {
-            (Origin::Upstreams(lease), _) => lease,
-            (Origin::Peer(owner), Some(cluster)) => {
-                match received.through_peers(cluster, &*self.storage, owner, digest).await {
-                    Ok(PeerEnd::Whole) => {
-                        let result = match received.finish().await {
-                            Ok(()) => received.verify(digest, None),
-                            Err(e) => Err(e),
-                        };
-                        return Ended { result, staged_bytes: 0, publish: false, lease: None };
-                    }
-                    Ok(PeerEnd::Upstreams(lease)) => lease,
-                    Err(e) => {
-                        return Ended {
-                            result: Err(e),
-                            staged_bytes: received.staged_bytes,
-                            publish: false,
-                            lease: None,
-                        }
-                    }
-                }
-            }
-            (Origin::Peer(_), None) => None,
+        let (mut received, lease) = match self.after_peers(received, origin, digest).await {
+            Ok(going_on) => going_on,
+            Err(ended) => return ended,
         };
         let fail = |result, received: &Received, lease| Ended {
             result,
@@ -314,7 +265,7 @@ pub(super) struct Received<'a> {
     /// Staged bytes count against `storage.max_size` while the fetch runs.
     evictor: &'a super::Evictor,
     /// Bytes handed to the staging file.
-    staged_bytes: u64,
+    pub(super) staged_bytes: u64,
     /// The body being copied comes from another replica (or the store), not an upstream: its
     /// bytes are not upstream traffic.
     pub(super) from_peer: bool,
@@ -531,7 +482,7 @@ impl Received<'_> {
     /// it verifies what it fetches itself). On a mismatch the one upstream that sent every
     /// byte is benched at once; when `tried` shows bytes may have come from several, which one
     /// lied is unknown, so each gets an ordinary failure instead. Returns the size.
-    fn verify(self, digest: &Digest, blame: Option<Blame<'_>>) -> Result<u64, ProtocolError> {
+    pub(super) fn verify(self, digest: &Digest, blame: Option<Blame<'_>>) -> Result<u64, ProtocolError> {
         let got = self.writer.digest().ok_or_else(|| internal("blob verified before it was hashed", digest))?;
         if got != *digest {
             self.metrics.digest_mismatches.inc();

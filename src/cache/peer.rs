@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::fetch::Received;
+use super::fetch::{Ended, Received};
 use super::Cache;
 use crate::cluster::lease::fetch_key;
 use crate::cluster::{Claim, Cluster, Lease};
@@ -14,6 +14,15 @@ use crate::storage::Storage;
 
 /// What `Progress::upstream` and the access log say for bytes another replica sent.
 pub(super) const PEER: &str = "peer";
+
+/// Where a fetch gets its bytes.
+pub(super) enum Origin {
+    /// The upstreams, holding the cluster's lease for the digest when there is a cluster.
+    Upstreams(Option<Lease>),
+    /// The replica at this URL holds the lease: stream its fetch in progress (`None`: the
+    /// holder cannot be asked yet; wait until the lease names one or lapses).
+    Peer(Option<String>),
+}
 
 /// How streaming from the owner ended.
 pub(super) enum PeerEnd {
@@ -115,6 +124,53 @@ impl Received<'_> {
 }
 
 impl Cache {
+    /// Who fetches `digest`: with a cluster, the replica that holds its lease; this one from
+    /// the upstreams otherwise, with the role it is counted under once it starts (`None`: no
+    /// cluster). `None`: the replica that held the lease stored the blob since.
+    pub(super) async fn origin(&self, digest: &Digest) -> Option<(Origin, Option<&'static str>)> {
+        let Some(cluster) = &self.cluster else { return Some((Origin::Upstreams(None), None)) };
+        let (origin, role) = match cluster.claim(fetch_key(digest)).await {
+            Claim::Owner(lease) => {
+                // The last owner may have stored it and let go between our look and the claim.
+                if let Ok(Some(_)) = self.storage.blob_size(digest).await {
+                    return None;
+                }
+                (Origin::Upstreams(Some(lease)), "owner")
+            }
+            Claim::Held(owner) => (Origin::Peer(owner), "peer"),
+            Claim::Alone => (Origin::Upstreams(None), "alone"),
+        };
+        Some((origin, Some(role)))
+    }
+
+    /// For a fetch whose lease another replica holds, streams the owner's bytes; `Ok(lease)`
+    /// when the rest must come from the upstreams (holding the lease if this replica took it
+    /// over), `Err` with how the fetch ended otherwise (whole from the owner, or failed).
+    pub(super) async fn after_peers<'a>(
+        &self,
+        mut received: Received<'a>,
+        origin: Origin,
+        digest: &Digest,
+    ) -> Result<(Received<'a>, Option<Lease>), Ended> {
+        let (owner, cluster) = match (origin, &self.cluster) {
+            (Origin::Upstreams(lease), _) => return Ok((received, lease)),
+            (Origin::Peer(_), None) => return Ok((received, None)),
+            (Origin::Peer(owner), Some(cluster)) => (owner, cluster),
+        };
+        let ended = |result, staged_bytes| Ended { result, staged_bytes, publish: false, lease: None };
+        match received.through_peers(cluster, &*self.storage, owner, digest).await {
+            Ok(PeerEnd::Whole) => {
+                let result = match received.finish().await {
+                    Ok(()) => received.verify(digest, None),
+                    Err(e) => Err(e),
+                };
+                Err(ended(result, 0))
+            }
+            Ok(PeerEnd::Upstreams(lease)) => Ok((received, lease)),
+            Err(e) => Err(ended(Err(e), received.staged_bytes)),
+        }
+    }
+
     /// What the owner of a fetch answers another replica: the fetch in progress, the same
     /// frames as its own clients get (the last byte after the verdict), or the blob once it
     /// is stored. Never starts a fetch: a replica asks the owner only while it holds the lease.
