@@ -104,11 +104,12 @@ impl App {
             .map(Arc::new);
         let hosted = match &auth {
             Some(auth) if !config.hosted.namespaces.is_empty() => {
-                let hosted = Hosted::new(
+                let hosted = Hosted::in_cluster(
                     storage.clone(),
                     auth.clone(),
                     config.hosted.clone(),
                     config.limits.max_upload_sessions_per_user,
+                    cluster.clone(),
                 );
                 // Abandoned uploads are purged in the background (when there is a runtime).
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {

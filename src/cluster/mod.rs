@@ -7,6 +7,8 @@
 //!   runs, released when it ends).
 //! * [`peer`]: signing and checking replica-to-replica requests, and asking an owner for the
 //!   bytes of its fetch.
+//! * [`uploads`]: upload sessions shared by the replicas (the record in Redis; the chunks are
+//!   in the bucket, see `hosted::shared_uploads`).
 //!
 //! Redis is an accelerator, never a dependency: when it does not answer within
 //! `cluster.redis_timeout`, the replica works alone (local coalescing only), counts it, says
@@ -25,6 +27,7 @@ use crate::metrics::Metrics;
 
 pub mod lease;
 pub mod peer;
+pub mod uploads;
 
 pub use lease::{Claim, Lease};
 

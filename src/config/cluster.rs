@@ -127,6 +127,15 @@ mod tests {
         let advertise = advertise.replace("http://10.0.0.5:5000", "10.0.0.5:5000/x");
         assert_eq!(error_at(&advertise).path, "cluster.advertise");
 
+        let (env, _f) = yaml(secret, "");
+        let mut from_env = Config::parse(&env).unwrap();
+        from_env.apply_env(|k| (k == "FERRY_CLUSTER_ADVERTISE").then(|| "http://10.1.2.3:5000".to_owned()));
+        from_env.validate().unwrap();
+        assert_eq!(from_env.cluster.unwrap().advertise, "http://10.1.2.3:5000", "the pod's address wins");
+        let mut bad_env = Config::parse(&env).unwrap();
+        bad_env.apply_env(|k| (k == "FERRY_CLUSTER_ADVERTISE").then(|| "10.1.2.3".to_owned()));
+        assert_eq!(bad_env.validate().unwrap_err().path, "cluster.advertise", "validated like the key");
+
         let (bad_url, _f) = yaml(secret, "");
         let e = error_at(&bad_url.replace("redis://", "http://"));
         assert_eq!(e.path, "cluster.redis");

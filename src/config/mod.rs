@@ -140,8 +140,12 @@ impl Config {
     /// Credentials from the environment, so secrets stay out of config files and ConfigMaps:
     /// `FERRY_<REGISTRY>_<N>_USERNAME` and `FERRY_<REGISTRY>_<N>_PASSWORD` for upstream N
     /// (from 0) of a registry, the name upper-cased with every other character as `_`
-    /// (`FERRY_DOCKER_IO_0_PASSWORD`).
+    /// (`FERRY_DOCKER_IO_0_PASSWORD`). And `FERRY_CLUSTER_ADVERTISE` replaces
+    /// `cluster.advertise` (a pod's own address, from the downward API), validated like it.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let (Some(cluster), Some(advertise)) = (self.cluster.as_mut(), var("FERRY_CLUSTER_ADVERTISE")) {
+            cluster.advertise = advertise;
+        }
         for (name, reg) in self.registries.iter_mut() {
             let reg_key: String =
                 name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();

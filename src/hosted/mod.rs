@@ -15,7 +15,8 @@
 //! Upload sessions live in memory (their data in staging files, never whole in memory, closed
 //! between requests so an idle session holds no descriptor); a restart forgets them, which
 //! clients see as `BLOB_UPLOAD_UNKNOWN` and answer by re-uploading. They are bounded per
-//! process and per user, so one user with push rights cannot take them all.
+//! process and per user, so one user with push rights cannot take them all. On a replica of a
+//! cluster they live in Redis and the bucket instead, so every replica shares them.
 //!
 //! Every write that makes content reachable claims (or refreshes) the digest's mark first and
 //! only then looks at what is stored, so a concurrent `gc` either sees the content young or has
@@ -25,6 +26,7 @@
 //! * `manifests`: manifests, their parsing and validation;
 //! * `blobs`: reading and unlinking blobs;
 //! * `uploads`: upload sessions, chunks and cross-repository mounts;
+//! * `shared_uploads`: the sessions of a cluster, in Redis with their chunks in the bucket;
 //! * `discovery`: tag lists, referrers and the catalog;
 //! * `gc`: `ferry gc`, which sweeps what no manifest references;
 //! * `tests` (tests only): whole requests through [`Hosted::handle`], races included.
@@ -33,6 +35,7 @@ mod blobs;
 mod discovery;
 mod gc;
 mod manifests;
+mod shared_uploads;
 #[cfg(test)]
 mod tests;
 mod uploads;
@@ -46,6 +49,7 @@ use http::header::HeaderMap;
 use http::Method;
 
 use crate::auth::{Auth, Identity};
+use crate::cluster::Cluster;
 use crate::config::{Access, HostedConfig};
 use crate::distribution::{internal, Answer, Digest, Endpoint, ErrorCode, Manifest, ProtocolError, RepoName};
 use crate::storage::records::decode_manifest;
@@ -84,6 +88,8 @@ pub struct Hosted {
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     /// Most upload sessions one user may hold open at once.
     max_sessions_per_user: usize,
+    /// The upload sessions shared by the replicas of a cluster (see `shared_uploads`).
+    shared: Option<Arc<shared_uploads::Shared>>,
 }
 
 impl Hosted {
@@ -96,12 +102,33 @@ impl Hosted {
         config: HostedConfig,
         max_upload_sessions_per_user: usize,
     ) -> Arc<Hosted> {
+        Hosted::in_cluster(storage, auth, config, max_upload_sessions_per_user, None)
+    }
+
+    /// [`Hosted::new`] on a replica of `cluster`: upload sessions live in Redis and the bucket,
+    /// so any replica can take any request of a session (see `shared_uploads`).
+    pub fn in_cluster(
+        storage: Arc<dyn Storage>,
+        auth: Arc<Auth>,
+        config: HostedConfig,
+        max_upload_sessions_per_user: usize,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Arc<Hosted> {
+        let shared = cluster.map(|cluster| {
+            Arc::new(shared_uploads::Shared {
+                storage: storage.clone(),
+                cluster,
+                ttl: config.upload_max_age,
+                max_per_user: max_upload_sessions_per_user,
+            })
+        });
         Arc::new(Hosted {
             storage,
             auth,
             config,
             sessions: Mutex::new(HashMap::new()),
             max_sessions_per_user: max_upload_sessions_per_user,
+            shared,
         })
     }
 
@@ -137,7 +164,7 @@ impl Hosted {
                 self.finish_upload(&repo, id, req.query, req.headers, req.body).await
             }
             (Method::GET, Endpoint::Uploads(id)) if !id.is_empty() => self.upload_status(&repo, id).await,
-            (Method::DELETE, Endpoint::Uploads(id)) if !id.is_empty() => self.cancel_upload(&repo, id),
+            (Method::DELETE, Endpoint::Uploads(id)) if !id.is_empty() => self.cancel_upload(&repo, id).await,
             (_, Endpoint::Tags) if read => self.tags(&repo, req.query, head).await,
             (_, Endpoint::Referrers(d)) if read => self.referrers(&repo, d, req.query, head).await,
             (m, _) => Err(ProtocolError::new(ErrorCode::Unsupported, format!("{m} is not allowed on this endpoint"))),

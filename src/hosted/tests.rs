@@ -94,6 +94,12 @@ impl Storage for Racing {
     fn put_object(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, std::io::Result<()>> {
         self.inner.put_object(key, bytes)
     }
+    fn put_staged(&self, key: &str, staged: Arc<Staged>) -> BoxFuture<'_, std::io::Result<()>> {
+        self.inner.put_staged(key, staged)
+    }
+    fn read_object(&self, key: &str) -> BoxFuture<'_, std::io::Result<Option<ByteStream>>> {
+        self.inner.read_object(key)
+    }
     fn list_blobs(&self) -> BoxFuture<'_, std::io::Result<Vec<BlobInfo>>> {
         self.inner.list_blobs()
     }

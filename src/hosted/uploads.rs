@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use http::header::{self, HeaderMap};
 use http::StatusCode;
 
+use super::shared_uploads::Shared;
 use super::{query_param, Hosted};
 use crate::auth::Identity;
 use crate::config::Access;
@@ -23,7 +24,7 @@ use crate::distribution::{internal, Answer, Digest, DigestVerifier, ErrorCode, P
 use crate::storage::{layout, ByteStream, ParkedStaged, Staged};
 
 /// Upload data is written in batches of about this size: few, large writes.
-const WRITE_BATCH: usize = 1024 * 1024;
+pub(super) const WRITE_BATCH: usize = 1024 * 1024;
 
 /// Most upload sessions open at once, whoever holds them (each keeps a staging file on disk).
 const MAX_SESSIONS: usize = 4096;
@@ -38,16 +39,17 @@ pub(super) struct Session {
     last_used: Mutex<Instant>,
 }
 
-struct UploadState {
+/// An upload's data: its staging file, how much of it is written, the hash so far.
+pub(super) struct UploadState {
     /// The staging file, closed between requests. `None` once the session is finished or
     /// cancelled, or broken (a failed write or reopen: its bytes can no longer be trusted).
-    parked: Option<ParkedStaged>,
-    written: u64,
+    pub(super) parked: Option<ParkedStaged>,
+    pub(super) written: u64,
     hasher: DigestVerifier,
 }
 
 impl UploadState {
-    fn new(parked: Option<ParkedStaged>) -> UploadState {
+    pub(super) fn new(parked: Option<ParkedStaged>) -> UploadState {
         UploadState { parked, written: 0, hasher: DigestVerifier::new() }
     }
 }
@@ -84,6 +86,13 @@ impl Hosted {
             if purged > 0 {
                 tracing::info!(purged, "purged abandoned upload sessions");
             }
+            if let Some(shared) = &self.shared {
+                match shared.purge_orphans().await {
+                    Ok(0) => {}
+                    Ok(chunks) => tracing::info!(chunks, "purged chunks of expired shared upload sessions"),
+                    Err(e) => tracing::warn!(error = %e, "could not purge chunks of expired upload sessions"),
+                }
+            }
         }
     }
 
@@ -119,6 +128,12 @@ impl Hosted {
             append(&mut state, body, None).await?;
             self.commit_upload(repo, state, &digest).await?;
             return Ok(blob_created(repo, &digest));
+        }
+        if let Some(shared) = &self.shared {
+            // In a cluster sessions are shared; with Redis unreachable, local to this replica.
+            if let Some(opened) = shared.open(repo, who.name()).await {
+                return Ok(upload_reply(StatusCode::ACCEPTED, repo, &opened?, 0));
+            }
         }
         // Refused before a staging file is made; checked again as the session is added, since
         // other requests of the same user may have added theirs meanwhile.
@@ -228,6 +243,12 @@ impl Hosted {
         Ok(s)
     }
 
+    /// The cluster's sessions, when `id` is not one of this replica's own.
+    fn shared_session(&self, id: &str) -> Option<&Arc<Shared>> {
+        let local = self.sessions.lock().map_or(true, |map| map.contains_key(id));
+        self.shared.as_ref().filter(|_| !local)
+    }
+
     fn forget(&self, id: &str) {
         if let Ok(mut map) = self.sessions.lock() {
             map.remove(id);
@@ -241,6 +262,10 @@ impl Hosted {
         headers: &HeaderMap,
         body: ByteStream,
     ) -> Result<Answer, ProtocolError> {
+        if let Some(shared) = self.shared_session(id) {
+            let up = shared.append(repo, id, headers, body).await?;
+            return Ok(upload_reply(StatusCode::ACCEPTED, repo, id, up.written));
+        }
         let session = self.session(repo, id)?;
         let state = session.state.clone().lock_owned().await;
         let limit = chunk_limit(headers, state.written)?;
@@ -258,10 +283,18 @@ impl Hosted {
         headers: &HeaderMap,
         body: ByteStream,
     ) -> Result<Answer, ProtocolError> {
-        let session = self.session(repo, id)?;
         let digest = query_param(query, "digest")
             .ok_or_else(|| ProtocolError::new(ErrorCode::DigestInvalid, "the closing PUT needs ?digest="))
-            .and_then(|d| Digest::parse(&d))?;
+            .and_then(|d| Digest::parse(&d));
+        if let Some(shared) = self.shared_session(id) {
+            let digest = digest?;
+            let up = shared.append(repo, id, headers, body).await?;
+            let state = shared.assemble(id, &up, &up.encode()).await?;
+            self.commit_upload(repo, state, &digest).await?;
+            return Ok(blob_created(repo, &digest));
+        }
+        let session = self.session(repo, id)?;
+        let digest = digest?;
         let state = session.state.clone().lock_owned().await;
         let limit = chunk_limit(headers, state.written)?;
         let (mut state, result) = self.append_chunk(id, state, body, limit).await?;
@@ -322,6 +355,10 @@ impl Hosted {
     }
 
     pub(super) async fn upload_status(&self, repo: &RepoName, id: &str) -> Result<Answer, ProtocolError> {
+        if let Some(shared) = self.shared_session(id) {
+            let written = shared.status(repo, id).await?;
+            return Ok(upload_reply(StatusCode::NO_CONTENT, repo, id, written));
+        }
         let session = self.session(repo, id)?;
         let state = session.state.lock().await;
         if state.parked.is_none() {
@@ -330,7 +367,11 @@ impl Hosted {
         Ok(upload_reply(StatusCode::NO_CONTENT, repo, id, state.written))
     }
 
-    pub(super) fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<Answer, ProtocolError> {
+    pub(super) async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<Answer, ProtocolError> {
+        if let Some(shared) = self.shared_session(id) {
+            shared.cancel(repo, id).await?;
+            return Ok(Answer::Status(StatusCode::NO_CONTENT));
+        }
         self.session(repo, id)?;
         self.forget(id);
         Ok(Answer::Status(StatusCode::NO_CONTENT))
@@ -339,7 +380,7 @@ impl Hosted {
 
 /// How many bytes a chunk may carry, from its `Content-Range` (which must start where the
 /// upload stands: anything else is out of order, 416) or `Content-Length`.
-fn chunk_limit(headers: &HeaderMap, written: u64) -> Result<Option<u64>, ProtocolError> {
+pub(super) fn chunk_limit(headers: &HeaderMap, written: u64) -> Result<Option<u64>, ProtocolError> {
     let Some(v) = headers.get(header::CONTENT_RANGE) else {
         return Ok(headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()));
     };
@@ -381,7 +422,7 @@ async fn append_detached(
 /// Bytes received before an error stay (the upload can resume from there, GET tells where).
 /// The staging file is open only meanwhile; a failed write or reopen leaves the session
 /// without one (broken: the caller forgets it).
-async fn append(state: &mut UploadState, body: ByteStream, limit: Option<u64>) -> Result<(), ProtocolError> {
+pub(super) async fn append(state: &mut UploadState, body: ByteStream, limit: Option<u64>) -> Result<(), ProtocolError> {
     let parked = state.parked.take().ok_or_else(upload_finished)?;
     let staged = tokio::task::spawn_blocking(move || parked.resume())
         .await
@@ -466,7 +507,11 @@ async fn next_batch(body: &mut ByteStream, room: Option<u64>) -> Batch {
 /// Hashes and writes a batch at the end of the upload, on the blocking pool (the bytes move
 /// there without a copy), and counts it. On a failed write the file is dropped (and removed):
 /// the hasher saw bytes that may not be on disk, so the session cannot continue.
-async fn write_batch(state: &mut UploadState, staged: Staged, bufs: Vec<Bytes>) -> Result<Staged, ProtocolError> {
+pub(super) async fn write_batch(
+    state: &mut UploadState,
+    staged: Staged,
+    bufs: Vec<Bytes>,
+) -> Result<Staged, ProtocolError> {
     let at = state.written;
     let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
     // A copy: if this is interrupted, the session's hasher still matches `written`.

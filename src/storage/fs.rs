@@ -187,6 +187,26 @@ impl Storage for FsStorage {
         })
     }
 
+    fn put_staged(&self, key: &str, staged: Arc<Staged>) -> BoxFuture<'_, io::Result<()>> {
+        let to = self.object_path(key);
+        Box::pin(async move {
+            let to = to?;
+            blocking(move || publish(&staged.file, &staged.path, &to)).await
+        })
+    }
+
+    fn read_object(&self, key: &str) -> BoxFuture<'_, io::Result<Option<ByteStream>>> {
+        let path = self.object_path(key);
+        Box::pin(async move {
+            let path = path?;
+            let Some(file) = blocking(move || not_found_is_none(std::fs::File::open(path))).await? else {
+                return Ok(None);
+            };
+            let len = file.metadata()?.len();
+            Ok(Some(file_stream(file, 0, len)))
+        })
+    }
+
     fn list_blobs(&self) -> BoxFuture<'_, io::Result<Vec<BlobInfo>>> {
         let root = self.root.join(layout::BLOBS_DIR);
         Box::pin(blocking(move || scan_blobs(&root)))

@@ -11,6 +11,9 @@
 //! └── objects/                           small metadata objects (the keys below)
 //!     ├── manifests/sha256/<64 hex>      manifest record: media type, "\n", the exact bytes
 //!     │                                  (cached and pushed manifests alike; see `records`)
+//!     ├── uploads/<32 hex>/<20-digit offset>-<32 hex>
+//!     │                                  a chunk of an upload session shared by the replicas of
+//!     │                                  a cluster (the session itself is in Redis)
 //!     ├── tags/<registry>/<repo>/_tags/<tag>/<index|single>
 //!     │                                  a proxied tag's last known digest (JSON `TagEntry`);
 //!     │                                  `index` for clients that accept an index
@@ -49,6 +52,32 @@ pub const MARKS_PREFIX: &str = "hosted/blobs/";
 pub const CATALOG_PREFIX: &str = "hosted/catalog/";
 /// Prefix of every hosted repository's links.
 pub const REPOS_PREFIX: &str = "hosted/repos/";
+
+/// Prefix of every chunk of a shared upload session.
+pub const UPLOADS_PREFIX: &str = "uploads/";
+
+/// Whether `id` can name an upload session: 32 lower-case hex digits (a simple UUID), so a
+/// session id from a client's URL can never form another key.
+pub fn is_upload_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Where the chunks of shared upload `id` live (a prefix ending in `/`).
+pub fn upload_dir(id: &str) -> String {
+    format!("{UPLOADS_PREFIX}{id}/")
+}
+
+/// One chunk of shared upload `id`, starting at byte `start`; `name` (32 hex) makes the key of
+/// each attempt unique, so two replicas racing for one offset never write the same object.
+pub fn upload_chunk(id: &str, start: u64, name: &str) -> String {
+    format!("{}{start:020}-{name}", upload_dir(id))
+}
+
+/// The session id a chunk key belongs to, if it is one.
+pub fn upload_of_chunk(key: &str) -> Option<&str> {
+    let id = key.strip_prefix(UPLOADS_PREFIX)?.split('/').next()?;
+    is_upload_id(id).then_some(id)
+}
 
 /// `blobs/sha256/<2 hex>/<64 hex>`, relative to the root.
 pub fn blob_path(digest: &Digest) -> String {
@@ -177,5 +206,10 @@ mod tests {
         assert_eq!(classify_repo_key(&layer_link(&repo, &d)), RepoKey::Layer(d.hex()));
         assert_eq!(classify_repo_key(&hosted_tag(&repo, "v1")), RepoKey::Other);
         assert_eq!(digest_from_hex(d.hex()), Some(d));
+        let id = "0123456789abcdef0123456789abcdef";
+        assert!(is_upload_id(id) && !is_upload_id("../x") && !is_upload_id(&id.to_uppercase()));
+        let chunk = upload_chunk(id, 42, id);
+        assert_eq!(chunk, format!("uploads/{id}/00000000000000000042-{id}"));
+        assert_eq!(upload_of_chunk(&chunk), Some(id));
     }
 }

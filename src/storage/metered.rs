@@ -119,6 +119,14 @@ impl Storage for Metered {
         self.op(PUT, self.inner.put_object(key, bytes))
     }
 
+    fn put_staged(&self, key: &str, staged: Arc<Staged>) -> BoxFuture<'_, io::Result<()>> {
+        self.op(PUT, self.inner.put_staged(key, staged))
+    }
+
+    fn read_object(&self, key: &str) -> BoxFuture<'_, io::Result<Option<ByteStream>>> {
+        self.op(READ, self.inner.read_object(key))
+    }
+
     fn list_blobs(&self) -> BoxFuture<'_, io::Result<Vec<BlobInfo>>> {
         self.op(LIST, self.inner.list_blobs())
     }

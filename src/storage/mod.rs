@@ -63,6 +63,12 @@ pub trait Storage: Send + Sync + 'static {
     fn get_object(&self, key: &str) -> BoxFuture<'_, io::Result<Option<Vec<u8>>>>;
     /// Atomically writes a small metadata object.
     fn put_object(&self, key: &str, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>>;
+    /// Publishes a staging file whole as the object `key` (a chunk of an upload shared by the
+    /// replicas of a cluster): visible whole or not at all, like every object.
+    fn put_staged(&self, key: &str, staged: Arc<Staged>) -> BoxFuture<'_, io::Result<()>>;
+    /// An object's bytes as a stream (for objects too large for [`Storage::get_object`]), or
+    /// `None` if there is none.
+    fn read_object(&self, key: &str) -> BoxFuture<'_, io::Result<Option<ByteStream>>>;
     /// Every committed blob with its size and last-modified time (the start-up inventory).
     fn list_blobs(&self) -> BoxFuture<'_, io::Result<Vec<BlobInfo>>>;
     /// Moves a blob that failed verification out of the store, keeping it for inspection.

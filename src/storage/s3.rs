@@ -304,6 +304,19 @@ impl Storage for S3Storage {
         Box::pin(async move { self.store.put(&key?, PutPayload::from(bytes)).await.map(drop).map_err(to_io) })
     }
 
+    fn put_staged(&self, key: &str, staged: Arc<Staged>) -> BoxFuture<'_, io::Result<()>> {
+        let key = self.object_key(key);
+        Box::pin(async move { self.upload(&staged, &key?).await })
+    }
+
+    fn read_object(&self, key: &str) -> BoxFuture<'_, io::Result<Option<ByteStream>>> {
+        let key = self.object_key(key);
+        Box::pin(async move {
+            let Some(got) = not_found_is_none(self.store.get(&key?).await)? else { return Ok(None) };
+            Ok(Some(got.into_stream().map_err(to_io).boxed()))
+        })
+    }
+
     fn list_blobs(&self) -> BoxFuture<'_, io::Result<Vec<BlobInfo>>> {
         Box::pin(async move {
             let mut out = Vec::new();

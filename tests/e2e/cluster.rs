@@ -269,3 +269,83 @@ fn with_redis_stopped_every_replica_keeps_serving_and_with_it_back_they_fetch_on
         assert_eq!(registry.count_requests("GET", &format!("/blobs/{d}")), 1, "one upstream GET of {d} again");
     }
 }
+
+/// One request to a replica, as alice.
+fn as_alice(base: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+    let auth = basic_auth(ALICE.0, ALICE.1);
+    let mut all = vec![("Authorization", auth.as_str())];
+    all.extend_from_slice(headers);
+    http_request_body(method, &format!("{base}{path}"), &all, body).unwrap()
+}
+
+/// Opens an upload session on `base`: its location (a path).
+fn open_upload(base: &str) -> String {
+    let reply = as_alice(base, "POST", "/v2/internal/app/blobs/uploads/", &[], b"");
+    assert_eq!(reply.status, 202, "{}", reply.text());
+    reply.header("location").unwrap().to_owned()
+}
+
+fn range(start: usize, len: usize) -> String {
+    format!("{start}-{}", start + len - 1)
+}
+
+#[test]
+fn a_chunked_push_spread_over_the_replicas_completes_and_outlives_the_replica_that_opened_it() {
+    let registry = Registry::start();
+    let work = tmp_dir();
+    let htpasswd = write_htpasswd(work.path(), &[ALICE]);
+    let hosted = |c: FerryConfig| c.hosted(Hosted::new(["internal"]).htpasswd(&htpasswd).delete(true));
+    let mut cluster = Cluster::start(3, &registry.url(), &hosted);
+    let layout = work.path().join("layout");
+    let image = build_image(&layout, "v1", &[3 << 20, 700 << 10], 96);
+    let urls: Vec<String> = cluster.replicas.iter().map(|r| r.url()).collect();
+
+    for (i, digest) in image.blob_digests().iter().enumerate() {
+        let blob = std::fs::read(blob_path(&layout, digest)).unwrap();
+        // The first session is opened on replica 0, which then dies: the session lives on.
+        let location = open_upload(&urls[if i == 0 { 0 } else { 2 }]);
+        if i == 0 {
+            cluster.replicas[0].kill9();
+        }
+        let (a, b) = (blob.len() / 3, 2 * blob.len() / 3);
+        let first = as_alice(&urls[1], "PATCH", &location, &[("Content-Range", &range(0, a))], &blob[..a]);
+        assert_eq!((first.status, first.header("range")), (202, Some(format!("0-{}", a - 1).as_str())));
+        let skip = as_alice(&urls[2], "PATCH", &location, &[("Content-Range", &range(b, blob.len() - b))], &blob[b..]);
+        assert_eq!(skip.status, 416, "a chunk out of order, on another replica: {}", skip.text());
+        let second = as_alice(&urls[2], "PATCH", &location, &[("Content-Range", &range(a, b - a))], &blob[a..b]);
+        assert_eq!(second.status, 202, "{}", second.text());
+        let status = as_alice(&urls[1], "GET", &location, &[], b"");
+        assert_eq!((status.status, status.header("range")), (204, Some(format!("0-{}", b - 1).as_str())));
+        let put = format!("{location}?digest={digest}");
+        let last = as_alice(&urls[1], "PUT", &put, &[("Content-Range", &range(b, blob.len() - b))], &blob[b..]);
+        assert_eq!(last.status, 201, "the closing PUT on a third replica: {}", last.text());
+        assert_eq!(as_alice(&urls[2], "GET", &location, &[], b"").status, 404, "the session is finished everywhere");
+    }
+
+    // A session whose bytes do not hash to the digest is refused, and finished.
+    let location = open_upload(&urls[1]);
+    assert_eq!(as_alice(&urls[2], "PATCH", &location, &[], b"not the layer").status, 202);
+    let wrong = as_alice(&urls[1], "PUT", &format!("{location}?digest={}", image.layers[0].0), &[], b"");
+    assert_eq!(wrong.status, 400);
+    assert!(wrong.text().contains("DIGEST_INVALID"), "{}", wrong.text());
+    // A cancelled one is gone on every replica.
+    let location = open_upload(&urls[2]);
+    assert_eq!(as_alice(&urls[1], "PATCH", &location, &[], b"abc").status, 202);
+    assert_eq!(as_alice(&urls[1], "DELETE", &location, &[], b"").status, 204);
+    assert_eq!(as_alice(&urls[2], "GET", &location, &[], b"").status, 404);
+    assert_eq!(cluster.s3.keys(&format!("{PREFIX}objects/uploads/")), Vec::<String>::new(), "no chunk is left");
+
+    let manifest = as_alice(
+        &urls[2],
+        "PUT",
+        "/v2/internal/app/manifests/v1",
+        &[("Content-Type", OCI_MANIFEST)],
+        &image.manifest_bytes,
+    );
+    assert_eq!(manifest.status, 201, "{}", manifest.text());
+    for (i, r) in cluster.replicas[1..].iter().enumerate() {
+        let out = cluster.dir(&format!("pulled{i}"));
+        pull_to_dir_creds(&format!("{}/internal/app:v1", r.host()), &out, ALICE).unwrap();
+        assert_image(&out, &image);
+    }
+}
