@@ -8,11 +8,20 @@
 //! The inventory is rebuilt at start-up by a background scan (oldest modification first), so a
 //! store with 100,000 blobs does not delay the listener. Removing a file that a client is
 //! reading does not cut the client off: the open descriptor keeps the bytes alive.
+//!
+//! On a replica of a cluster the cap holds for the bucket: the order and the total are
+//! Redis's ([`crate::cluster::lru`]), one replica at a time evicts, and touches are sent in a
+//! batch each second. The local order is kept as well: with Redis unreachable the replica
+//! evicts by its own view, as a single one does.
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use lru::LruCache;
 
+use crate::cluster::{lru::EVICT_KEY, Claim, Cluster};
 use crate::distribution::Digest;
 use crate::metrics::Metrics;
 use crate::storage::Storage;
@@ -31,17 +40,44 @@ pub struct Evictor {
     inventory: Mutex<Inventory>,
     storage: Arc<dyn Storage>,
     metrics: Arc<Metrics>,
+    /// The cluster whose bucket the cap is for, if any (and only with a cap).
+    cluster: Option<Arc<Cluster>>,
+    /// Blobs used since the last batch of touches sent to the cluster (bounded).
+    touched: Mutex<HashSet<Digest>>,
+    /// The cluster's total as last read (at most a second old): most checks need no Redis.
+    cluster_total: AtomicU64,
 }
 
+/// Most touches held for the next batch; more in one second are dropped (the blob was used
+/// very recently by then anyway, or is touched again).
+const MAX_TOUCHED: usize = 65_536;
+
+/// How often touches go to the cluster and its total is read back.
+const TOUCH_EVERY: Duration = Duration::from_secs(1);
+
 impl Evictor {
-    /// An evictor for `storage` bounded by `max` bytes (unbounded: only accounting).
-    pub fn new(max: Option<u64>, storage: Arc<dyn Storage>, metrics: Arc<Metrics>) -> Arc<Evictor> {
-        Arc::new(Evictor {
+    /// An evictor for `storage` bounded by `max` bytes (unbounded: only accounting), for the
+    /// whole of `cluster`'s bucket when there is one. Must run inside a Tokio runtime when it
+    /// has a cluster (the task that sends touches).
+    pub fn new(
+        max: Option<u64>,
+        storage: Arc<dyn Storage>,
+        metrics: Arc<Metrics>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Arc<Evictor> {
+        let evictor = Arc::new(Evictor {
             max,
             inventory: Mutex::new(Inventory { lru: LruCache::unbounded(), total: 0, staging: 0 }),
             storage,
             metrics,
-        })
+            cluster: cluster.filter(|_| max.is_some()),
+            touched: Mutex::new(HashSet::new()),
+            cluster_total: AtomicU64::new(0),
+        });
+        if evictor.cluster.is_some() {
+            tokio::spawn(send_touches_forever(Arc::downgrade(&evictor)));
+        }
+        evictor
     }
 
     /// Loads the blobs already on disk (call once, in the background, at start-up).
@@ -67,6 +103,10 @@ impl Evictor {
         // recent) and are left where they are.
         blobs.sort_by_key(|b| std::cmp::Reverse(b.modified));
         let count = blobs.len();
+        let for_cluster: Vec<_> = match self.cluster {
+            Some(_) => blobs.iter().map(|b| (b.digest.clone(), b.size, epoch_millis(b.modified))).collect(),
+            None => Vec::new(),
+        };
         if let Ok(mut inv) = self.inventory.lock() {
             for b in blobs {
                 if !inv.lru.contains(&b.digest) {
@@ -78,6 +118,12 @@ impl Evictor {
             self.publish(&inv);
         }
         tracing::info!(blobs = count, "cache inventory loaded");
+        if let Some(cluster) = &self.cluster {
+            // Every replica adds what it found; what the order holds already keeps its place.
+            if let Some(total) = cluster.lru_add(&for_cluster).await {
+                self.cluster_total.store(total, Ordering::Relaxed);
+            }
+        }
         self.enforce().await;
     }
 
@@ -85,6 +131,13 @@ impl Evictor {
     pub fn touch(&self, digest: &Digest) {
         if let Ok(mut inv) = self.inventory.lock() {
             inv.lru.promote(digest);
+        }
+        if self.cluster.is_some() {
+            if let Ok(mut touched) = self.touched.lock() {
+                if touched.len() < MAX_TOUCHED {
+                    touched.insert(digest.clone());
+                }
+            }
         }
     }
 
@@ -95,6 +148,12 @@ impl Evictor {
                 inv.total += size;
             }
             self.publish(&inv);
+        }
+        if let Some(cluster) = &self.cluster {
+            let now = crate::cluster::lru::now_millis();
+            if let Some(total) = cluster.lru_add(&[(digest.clone(), size, now)]).await {
+                self.cluster_total.store(total, Ordering::Relaxed);
+            }
         }
         self.enforce().await;
     }
@@ -121,6 +180,11 @@ impl Evictor {
 
     async fn enforce(&self) {
         let Some(max) = self.max else { return };
+        if let Some(cluster) = &self.cluster {
+            if !cluster.is_degraded() && self.enforce_cluster(cluster, max).await {
+                return;
+            }
+        }
         loop {
             let victim = {
                 let Ok(mut inv) = self.inventory.lock() else { return };
@@ -136,23 +200,98 @@ impl Evictor {
                     None => return,
                 }
             };
-            // A cached blob that a push has since referenced became hosted content: it leaves
-            // the cache's accounting but stays on disk.
-            if matches!(crate::storage::marks::is_hosted(&*self.storage, &victim.0).await, Ok(true)) {
-                continue;
+            self.evict(&victim.0, victim.1).await;
+        }
+    }
+
+    /// Keeps the cluster's bucket under `max`, when this replica holds the eviction lease (one
+    /// replica evicts at a time; another holding it does the work). `false` when Redis cannot
+    /// answer: the caller evicts by its own view.
+    async fn enforce_cluster(&self, cluster: &Arc<Cluster>, max: u64) -> bool {
+        let staging = || self.inventory.lock().map(|inv| inv.staging).unwrap_or(0);
+        if self.cluster_total.load(Ordering::Relaxed) + staging() <= max {
+            return true;
+        }
+        let _lease = match cluster.claim(EVICT_KEY.to_owned()).await {
+            Claim::Owner(lease) => lease,
+            Claim::Held(_) => return true,
+            Claim::Alone => return false,
+        };
+        loop {
+            let Some(total) = cluster.lru_total().await else { return false };
+            self.cluster_total.store(total, Ordering::Relaxed);
+            self.metrics.cache_size_bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
+            if total + staging() <= max {
+                return true;
             }
-            match self.storage.delete_blob(&victim.0).await {
-                Ok(_) => {
-                    self.metrics.cache_evictions.inc();
-                    tracing::debug!(digest = %victim.0, size = victim.1, "evicted");
+            // Popped atomically: no other replica can pick the same blob.
+            let Some(popped) = cluster.lru_pop().await else { return false };
+            let Some((digest, size)) = popped else { return true };
+            if let Ok(mut inv) = self.inventory.lock() {
+                if let Some(local) = inv.lru.pop(&digest) {
+                    inv.total -= local;
+                    self.publish(&inv);
                 }
-                Err(e) => tracing::warn!(digest = %victim.0, error = %e, "cannot evict blob"),
             }
+            // Said to pushes while it runs: one that marks the digest now waits for the
+            // verdict, then stores its own copy if these bytes went.
+            let _evicting = cluster.evicting(&digest).await;
+            self.evict(&digest, size).await;
+        }
+    }
+
+    /// Deletes a blob the order gave up, unless a push has since made it hosted content
+    /// (which leaves the cache's accounting but stays stored).
+    async fn evict(&self, digest: &Digest, size: u64) {
+        if matches!(crate::storage::marks::is_hosted(&*self.storage, digest).await, Ok(true)) {
+            return;
+        }
+        match self.storage.delete_blob(digest).await {
+            Ok(_) => {
+                self.metrics.cache_evictions.inc();
+                tracing::debug!(%digest, size, "evicted");
+            }
+            Err(e) => tracing::warn!(%digest, error = %e, "cannot evict blob"),
         }
     }
 
     fn publish(&self, inv: &Inventory) {
-        self.metrics.cache_size_bytes.set(i64::try_from(inv.total).unwrap_or(i64::MAX));
+        // On a cluster the size is the bucket's (set where the cluster's total is read).
+        if self.cluster.is_none() {
+            self.metrics.cache_size_bytes.set(i64::try_from(inv.total).unwrap_or(i64::MAX));
+        }
         self.metrics.cache_blobs.set(i64::try_from(inv.lru.len()).unwrap_or(i64::MAX));
+    }
+}
+
+fn epoch_millis(t: std::time::SystemTime) -> u64 {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Sends the touches of the last second to the cluster's order and reads its total back, for
+/// as long as the evictor lives.
+async fn send_touches_forever(evictor: Weak<Evictor>) {
+    let mut tick = tokio::time::interval(TOUCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(evictor) = evictor.upgrade() else { return };
+        let Some(cluster) = evictor.cluster.clone() else { return };
+        let touched: Vec<Digest> = match evictor.touched.lock() {
+            Ok(mut t) => t.drain().collect(),
+            Err(_) => Vec::new(),
+        };
+        if !touched.is_empty() {
+            cluster.lru_touch(&touched).await;
+        }
+        if let Some(total) = cluster.lru_total().await {
+            evictor.cluster_total.store(total, Ordering::Relaxed);
+            evictor.metrics.cache_size_bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
+        }
+        if evictor.cluster_total.load(Ordering::Relaxed) > evictor.max.unwrap_or(u64::MAX) {
+            // Another replica's commits filled the bucket: evict here if nobody else does.
+            evictor.enforce().await;
+        }
     }
 }

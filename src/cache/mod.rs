@@ -121,7 +121,7 @@ impl Cache {
         services: Services,
     ) -> Arc<Cache> {
         let Services { metrics, clock, cluster } = services;
-        let evictor = Evictor::new(bounds.max_size, storage.clone(), metrics.clone());
+        let evictor = Evictor::new(bounds.max_size, storage.clone(), metrics.clone(), cluster.clone());
         let scanning = evictor.clone();
         tokio::spawn(async move { scanning.scan().await });
         let manifests = moka::future::Cache::builder()

@@ -7,6 +7,8 @@
 //!   runs, released when it ends).
 //! * [`peer`]: signing and checking replica-to-replica requests, and asking an owner for the
 //!   bytes of its fetch.
+//! * [`lru`]: the one recency order of cached blobs and the eviction lease, for a size cap
+//!   that holds for the whole bucket.
 //! * [`uploads`]: upload sessions shared by the replicas (the record in Redis; the chunks are
 //!   in the bucket, see `hosted::shared_uploads`).
 //!
@@ -26,6 +28,7 @@ use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 
 pub mod lease;
+pub mod lru;
 pub mod peer;
 pub mod uploads;
 

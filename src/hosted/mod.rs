@@ -221,6 +221,11 @@ impl Hosted {
     async fn claim_stored(&self, digest: &Digest, kind: &str) -> Result<bool, ProtocolError> {
         let before = self.stored(digest, kind).await?;
         let created = marks::claim(&*self.storage, digest, kind).await.map_err(|e| internal("cannot write mark", e))?;
+        if let Some(shared) = &self.shared {
+            // A replica evicting these bytes right now either saw the mark (and keeps them) or
+            // has deleted them by the time this returns (and the push stores its own copy).
+            shared.cluster.wait_eviction(digest).await;
+        }
         let stored = self.stored(digest, kind).await?;
         if created && before && stored {
             // Stored and unmarked, before the claim and after: the cache fetched it from an

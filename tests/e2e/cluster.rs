@@ -349,3 +349,53 @@ fn a_chunked_push_spread_over_the_replicas_completes_and_outlives_the_replica_th
         assert_image(&out, &image);
     }
 }
+
+#[test]
+fn the_size_cap_holds_for_the_bucket_one_replica_evicts_at_a_time_and_pushed_blobs_stay() {
+    let registry = Registry::start();
+    let work = tmp_dir();
+    let htpasswd = write_htpasswd(work.path(), &[ALICE]);
+    let layout = work.path().join("layout");
+    let images: Vec<Image> =
+        (0..6).map(|i| build_image(&layout, &format!("v{i}"), &[3 << 20], 110 + i as u64)).collect();
+    for i in 0..6 {
+        push_layout(&layout, &format!("v{i}"), &format!("{}/library/app:v{i}", registry.host()), false).unwrap();
+    }
+    let cap: u64 = 10 << 20;
+    let tweak =
+        |c: FerryConfig| c.set("storage.max_size", "10MiB").hosted(Hosted::new(["internal"]).htpasswd(&htpasswd));
+    let cluster = Cluster::start(3, &registry.url(), &tweak);
+    let blob_keys = || cluster.s3.keys(&format!("{PREFIX}blobs/"));
+    let stored = |digest: &str| blob_keys().iter().any(|k| k.ends_with(digest_hex(digest)));
+    // The first image is pulled through the cache, then pushed to a hosted repository: its
+    // blobs, the least recently used, are hosted content now and must never be evicted.
+    let pushed = &images[0];
+    let hosted_blobs = pushed.blob_digests();
+    let cache_bytes = || -> u64 {
+        blob_keys()
+            .iter()
+            .filter(|k| !hosted_blobs.iter().any(|d| k.ends_with(digest_hex(d))))
+            .map(|k| std::fs::metadata(cluster.s3.object_path(k)).unwrap().len())
+            .sum()
+    };
+    pull_to_dir(&format!("{}/library/app:v0", cluster.replicas[0].host()), cluster.dir("v0")).unwrap();
+    push_layout_creds(&layout, "v0", &format!("{}/internal/app:v0", cluster.replicas[1].host()), false, ALICE).unwrap();
+
+    for (i, image) in images.iter().enumerate().skip(1) {
+        let out = cluster.dir(&format!("v{i}"));
+        pull_to_dir(&format!("{}/library/app:v{i}", cluster.replicas[i % 3].host()), &out).unwrap();
+        assert_image(&out, image);
+        eventually("the bucket's cached blobs are back under the cap", || cache_bytes() <= cap);
+    }
+    let proxied: Vec<String> = images[1..].iter().flat_map(|i| i.blob_digests()).collect();
+    let gone = proxied.iter().filter(|d| !stored(d)).count();
+    assert!(gone >= 2, "18 MiB pulled through a 10 MiB cap evicts layers ({gone} gone)");
+    let evictions: f64 = cluster.replicas.iter().map(|r| metric(&scrape(r), "ferry_cache_evictions_total")).sum();
+    assert_eq!(evictions, gone as f64, "each evicted blob was evicted once, by one replica");
+    for d in &hosted_blobs {
+        assert!(stored(d), "pushed blob {d} stays");
+    }
+    let out = cluster.dir("hosted");
+    pull_to_dir_creds(&format!("{}/internal/app:v0", cluster.replicas[2].host()), &out, ALICE).unwrap();
+    assert_image(&out, pushed);
+}
