@@ -101,6 +101,12 @@ fn cache_command(config: &Config, action: CacheAction) -> Result<bool, String> {
                     },
                     None => println!("hit counts: pass --server URL of the running Ferry"),
                 }
+                if let (Some(url), Some(_)) = (&server, &config.cluster) {
+                    match running_cluster_view(url).await {
+                        Some(lines) => lines.iter().for_each(|l| println!("{l}")),
+                        None => println!("cluster: {url} did not answer {CLUSTER_VIEW}"),
+                    }
+                }
                 Ok(true)
             }
             CacheAction::Verify { abandoned_after } => {
@@ -154,6 +160,31 @@ async fn running_hit_counts(url: &str) -> Option<Vec<String>> {
     let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(2)).no_proxy().build().ok()?;
     let page = client.get(format!("{}/metrics", url.trim_end_matches('/'))).send().await.ok()?.text().await.ok()?;
     Some(page.lines().filter(|l| l.starts_with("ferry_cache_requests_total")).map(|l| format!("  {l}")).collect())
+}
+
+const CLUSTER_VIEW: &str = "/_ferry/cluster";
+
+/// The cluster as the running replica at `url` sees it, as lines to print.
+async fn running_cluster_view(url: &str) -> Option<Vec<String>> {
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).no_proxy().build().ok()?;
+    let reply = client.get(format!("{}{CLUSTER_VIEW}", url.trim_end_matches('/'))).send().await.ok()?;
+    let text = reply.error_for_status().ok()?.text().await.ok()?;
+    let view: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let mut lines = vec![format!("cluster (from {url}):")];
+    let degraded = view["degraded"].as_bool().unwrap_or(false);
+    lines.push(format!("  this replica: {}", if degraded { "works alone (Redis does not answer)" } else { "joined" }));
+    if let Some(bytes) = view["cached_bytes"].as_u64() {
+        lines.push(format!("  cached in the bucket: {} ({bytes} bytes)", bytesize::ByteSize(bytes)));
+    }
+    match view["fetches_by_owner"].as_object() {
+        Some(owners) if owners.is_empty() => lines.push("  fetches in progress: none".into()),
+        Some(owners) => {
+            lines.push("  fetches in progress, by owner:".into());
+            owners.iter().for_each(|(o, n)| lines.push(format!("    {o}  {n}")));
+        }
+        None => lines.push("  fetches in progress: unknown (Redis does not answer)".into()),
+    }
+    Some(lines)
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ferry::config::ConfigError> {

@@ -186,3 +186,45 @@ impl Drop for Held {
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+
+/// Most fetch leases [`Cluster::fetches_by_owner`] reads: the view stays one bounded answer.
+const VIEW_MAX_LEASES: usize = 10_000;
+
+impl Cluster {
+    /// How many fetches each replica (by its advertised URL) holds a lease for right now;
+    /// `None` when Redis cannot answer. Reads at most 10,000 leases.
+    pub async fn fetches_by_owner(&self) -> Option<std::collections::BTreeMap<String, usize>> {
+        let holders = self
+            .command(|mut conn| async move {
+                let mut keys: Vec<String> = Vec::new();
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg("ferry:fetch:*")
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await?;
+                    keys.extend(batch);
+                    cursor = next;
+                    if cursor == 0 || keys.len() >= VIEW_MAX_LEASES {
+                        break;
+                    }
+                }
+                keys.truncate(VIEW_MAX_LEASES);
+                if keys.is_empty() {
+                    return Ok(Vec::new());
+                }
+                redis::cmd("MGET").arg(keys).query_async::<Vec<Option<String>>>(&mut conn).await
+            })
+            .await?;
+        let mut owners = std::collections::BTreeMap::new();
+        for h in holders.into_iter().flatten() {
+            let url = h.split_once(' ').map_or("", |(_, url)| url).to_owned();
+            *owners.entry(url).or_insert(0) += 1;
+        }
+        Some(owners)
+    }
+}

@@ -84,6 +84,9 @@ async fn dispatch(app: &App, req: Request<Incoming>, client: SocketAddr) -> (&'s
         "/healthz" | "/readyz" | "/metrics" => return ("other", Ok((operations(app, path).await, None))),
         _ => {}
     }
+    if let (CLUSTER_VIEW_PATH, Some(cluster), true) = (path, &app.cluster, read_only) {
+        return ("other", Ok((cluster_view(cluster).await, None)));
+    }
     if let (Some(digest), Some(cluster)) = (path.strip_prefix(peer::PATH), &app.cluster) {
         if read_only {
             return ("peer", for_peer(app, cluster, &req, digest).await);
@@ -176,6 +179,25 @@ async fn operations(app: &App, path: &str) -> Response<Body> {
         }
         _ => response::text(StatusCode::OK, "ok\n"),
     }
+}
+
+/// Where a replica of a cluster says what the cluster is doing (`ferry cache stats --server`).
+pub const CLUSTER_VIEW_PATH: &str = "/_ferry/cluster";
+
+/// `GET /_ferry/cluster`: whether this replica works alone, the bytes cached in the bucket and
+/// the fetches in progress per owner (counts and replica URLs, never digests or names).
+async fn cluster_view(cluster: &Cluster) -> Response<Body> {
+    let fetches = cluster.fetches_by_owner().await;
+    let cached = cluster.lru_total().await;
+    let view = serde_json::json!({
+        "advertise": cluster.advertise(),
+        "degraded": cluster.is_degraded(),
+        "cached_bytes": cached,
+        "fetches_by_owner": fetches,
+    });
+    let mut r = response::text(StatusCode::OK, view.to_string());
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
 }
 
 /// A request for a repository under a hosted namespace: credentials must be ours.

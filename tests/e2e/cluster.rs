@@ -138,6 +138,17 @@ fn the_owner_killed_mid_fetch_is_taken_over_and_the_other_replicas_clients_see_n
         });
     }
     assert_eq!(proxy.count("GET", &layer), 1, "followers do not ask the upstream");
+    // The operator's view from another replica names the owner and its one fetch.
+    let r1 = &cluster.replicas[1];
+    let stats = std::process::Command::new(ferry_bin())
+        .args(["cache", "stats", "--config"])
+        .arg(r1.config_path())
+        .args(["--server", &r1.url()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&stats.stdout);
+    let owner_line = format!("    {}  1", cluster.replicas[0].url());
+    assert!(text.contains("fetches in progress, by owner:") && text.contains(&owner_line), "{text}");
     cluster.replicas[0].kill9();
     assert!(dead.join().unwrap().is_err(), "the dead owner's client lost its stream");
     proxy.set_fault(Fault::PassThrough);
