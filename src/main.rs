@@ -67,6 +67,19 @@ enum CacheAction {
         #[arg(long, default_value = "1d")]
         abandoned_after: humantime::Duration,
     },
+    /// Drop a proxied tag (IMAGE:TAG), or every tag of a repository (IMAGE), on the running
+    /// Ferry and every replica of its cluster: the next pull asks the upstream again.
+    Forget {
+        /// `REGISTRY/REPO[:TAG]` as a client names it (`nginx`, `registry.k8s.io/pause:3.10`).
+        image: String,
+        /// Base URL of the running Ferry (default: derived from `listen`).
+        #[arg(long)]
+        server: Option<String>,
+        /// One of `hosted.admins`; the password is read from the FERRY_PASSWORD environment
+        /// variable (never from the command line, where `ps` shows it).
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Remove the oldest blobs until the cache fits in SIZE (e.g. 100GiB).
     Prune {
         /// Target size.
@@ -77,6 +90,10 @@ enum CacheAction {
 
 fn cache_command(config: &Config, action: CacheAction) -> Result<bool, String> {
     use ferry::cache::admin;
+    if let CacheAction::Forget { image, server, user } = action {
+        let url = server.or_else(|| local_url(config)).ok_or("pass --server URL of the running Ferry")?;
+        return forget(&url, &image, user.as_deref());
+    }
     let storage = ferry::storage::open(&config.storage, false, false)
         .map_err(|e| format!("storage.root {}: {e}", config.storage.root.display()))?;
     let storage = &*storage;
@@ -126,6 +143,7 @@ fn cache_command(config: &Config, action: CacheAction) -> Result<bool, String> {
                 }
                 Ok(v.bad_blobs.is_empty() && v.bad_manifests.is_empty())
             }
+            CacheAction::Forget { .. } => Ok(true),
             CacheAction::Prune { max_size } => {
                 let (n, bytes) = admin::prune(storage, max_size.as_u64()).await.map_err(|e| e.to_string())?;
                 println!("removed {n} blobs, {}", bytesize::ByteSize(bytes));
@@ -185,6 +203,42 @@ async fn running_cluster_view(url: &str) -> Option<Vec<String>> {
         None => lines.push("  fetches in progress: unknown (Redis does not answer)".into()),
     }
     Some(lines)
+}
+
+/// `ferry cache forget`: asks the running Ferry at `url` to forget `image`'s tags.
+fn forget(url: &str, image: &str, user: Option<&str>) -> Result<bool, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .no_proxy()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let query: String = form_urlencoded::Serializer::new(String::new()).append_pair("image", image).finish();
+        let endpoint = format!("{}{}?{query}", url.trim_end_matches('/'), ferry::http::admin::FORGET_PATH);
+        let mut req = client.post(endpoint);
+        if let Some(user) = user {
+            req = req.basic_auth(user, std::env::var("FERRY_PASSWORD").ok());
+        }
+        let reply = req.send().await.map_err(|e| format!("{url} did not answer: {e}"))?;
+        let status = reply.status();
+        let text = reply.text().await.map_err(|e| e.to_string())?;
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        if !status.is_success() {
+            let message = body["errors"][0]["message"].as_str().unwrap_or(text.trim());
+            return Err(format!("{url} refused ({status}): {message}"));
+        }
+        let what = match body["tag"].as_str() {
+            Some(t) => format!("{}/{}:{t}", body["registry"].as_str().unwrap_or("?"), body["repository"].as_str().unwrap_or("?")),
+            None => format!("every tag of {}/{}", body["registry"].as_str().unwrap_or("?"), body["repository"].as_str().unwrap_or("?")),
+        };
+        let records = body["records"].as_u64().unwrap_or(0);
+        println!("forgot {what} ({records} stored records); the next pull revalidates it upstream");
+        if body["every_replica"] == serde_json::Value::Bool(false) {
+            println!("warning: Redis did not take the invalidation: other replicas may serve the old answer for up to its TTL");
+        }
+        Ok(true)
+    })
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ferry::config::ConfigError> {

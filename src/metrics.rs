@@ -135,7 +135,7 @@ impl Metrics {
             cache_requests: counter_vec(
                 &r,
                 "ferry_cache_requests_total",
-                "Cache lookups by kind (manifest, blob) and result (hit, miss, stale, coalesced).",
+                "Cache lookups by kind (manifest, blob) and result (hit, miss, stale, coalesced, kept_deleted).",
                 &["kind", "result"],
             )?,
             bytes_served: counter_vec(

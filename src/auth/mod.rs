@@ -116,6 +116,8 @@ pub struct Auth {
     namespaces: Vec<String>,
     anonymous_pull: bool,
     proxied_requires_auth: bool,
+    /// `hosted.admins`.
+    admins: Vec<String>,
     /// Per-process secret keying the verdict cache (see the module comment).
     key: [u8; 32],
     /// Secret signing bearer tokens: per process (tokens die with it; clients simply fetch new
@@ -168,6 +170,7 @@ impl Auth {
             namespaces: config.namespaces.clone(),
             anonymous_pull: config.anonymous_pull,
             proxied_requires_auth: config.proxied_requires_auth,
+            admins: config.admins.clone(),
             key,
             token_key,
             bcrypt_slots: Arc::new(tokio::sync::Semaphore::new(BCRYPT_CONCURRENCY)),
@@ -354,6 +357,20 @@ impl Auth {
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Auth {
+    /// `Ok` if `who` is one of `hosted.admins`, by password: a bearer token's scope is a
+    /// repository's, never the admin endpoints'.
+    pub fn check_admin(&self, who: &Identity) -> Result<(), ProtocolError> {
+        match who {
+            Identity::User(u) if self.admins.iter().any(|a| a == u) => Ok(()),
+            Identity::User(u) => {
+                Err(ProtocolError::new(ErrorCode::Denied, format!("user {u:?} is not one of hosted.admins")))
+            }
+            _ => Err(unauthorized("the admin endpoints need the Basic credentials of one of hosted.admins")),
+        }
+    }
 }
 
 /// A `401 UNAUTHORIZED` error (the server adds the `WWW-Authenticate` challenge).

@@ -22,12 +22,12 @@ use crate::upstream::{read_bounded, Answer, Reason, UpstreamRequest};
 /// A tag entry's key: one per registry, repository, tag and kind of answer.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct TagKey {
-    registry: String,
-    repo: RepoName,
-    tag: String,
+    pub(super) registry: String,
+    pub(super) repo: RepoName,
+    pub(super) tag: String,
     /// Clients that accept an index get the index; others may get a platform manifest. The
     /// two answers must not overwrite each other.
-    index: bool,
+    pub(super) index: bool,
 }
 
 impl TagKey {
@@ -199,8 +199,9 @@ impl Cache {
     }
 
     async fn manifest_by_tag(self: &Arc<Self>, route: &Route, tag: &str, accept: &[String]) -> Outcome {
-        let entry = self.tag_entry(&tag_key(route, tag, accept)).await;
-        if let Some(m) = self.fresh(entry.as_ref(), accept).await {
+        let key = tag_key(route, tag, accept);
+        let entry = self.tag_entry(&key).await;
+        if let Some(m) = self.fresh(&key, entry.as_ref(), accept).await {
             self.count("manifest", "hit");
             return Ok((m, Source::Cache));
         }
@@ -227,7 +228,7 @@ impl Cache {
                 Some(e) => Some(e),
                 None => entry,
             };
-            if let Some(m) = this.fresh(entry.as_ref(), &accept).await {
+            if let Some(m) = this.fresh(&key, entry.as_ref(), &accept).await {
                 this.count("manifest", "hit");
                 return Ok((m, Source::Cache));
             }
@@ -245,12 +246,22 @@ impl Cache {
     }
 
     /// The manifest `entry` names if it is fresh and the client accepts its type.
-    async fn fresh(&self, entry: Option<&TagEntry>, accept: &[String]) -> Option<Arc<Manifest>> {
+    async fn fresh(&self, key: &TagKey, entry: Option<&TagEntry>, accept: &[String]) -> Option<Arc<Manifest>> {
         let e = entry?;
-        if self.age(e) >= self.config.tag_ttl.as_secs() || !accepts(accept, &e.media_type) {
+        if self.age(e) >= self.tag_ttl(key).as_secs() || !accepts(accept, &e.media_type) {
             return None;
         }
         self.local_by_str(&e.digest).await
+    }
+
+    /// How long `key`'s answer is trusted: the first matching `cache.tag_policies` entry's
+    /// TTL, or `cache.tag_ttl`.
+    pub(super) fn tag_ttl(&self, key: &TagKey) -> std::time::Duration {
+        if self.policies.is_empty() {
+            return self.config.tag_ttl;
+        }
+        let image = format!("{}/{}:{}", key.registry, key.repo, key.tag);
+        self.policies.iter().find(|(glob, _)| glob.matches(&image)).map_or(self.config.tag_ttl, |(_, ttl)| *ttl)
     }
 
     /// Seconds since the tag entry was last confirmed by an upstream (by the cache's clock).
@@ -279,7 +290,7 @@ impl Cache {
         self.cluster.as_ref()?;
         let raw = self.storage.get_object(&key.object_key()).await.ok()??;
         let e = TagEntry::decode(&raw)?;
-        let m = self.fresh(Some(&e), accept).await?;
+        let m = self.fresh(key, Some(&e), accept).await?;
         self.tags.insert(key.clone(), e).await;
         Some(m)
     }
@@ -310,6 +321,9 @@ impl Cache {
                 }
                 Ok(_) => {}
                 Err(e) if e.code == ErrorCode::Unavailable => return self.serve_stale(&key, entry.as_ref(), m, e),
+                Err(e) if e.code == ErrorCode::ManifestUnknown && self.config.keep_deleted_tags => {
+                    return Ok(self.keep_deleted(&key, m).await);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -338,6 +352,17 @@ impl Cache {
         tracing::warn!(repo = %key.repo, tag = %key.tag, digest = %m.digest, error = %why.message, "serving stale tag");
         self.count("manifest", "stale");
         Ok((m.clone(), Source::Stale))
+    }
+
+    /// `cache.keep_deleted_tags`: the resolving upstream says the tag is gone, but clusters may
+    /// still run it; the last good answer is served, and trusted for another TTL (the upstream
+    /// is asked once per TTL, so a tag that comes back is seen then).
+    async fn keep_deleted(&self, key: &TagKey, m: &Arc<Manifest>) -> (Arc<Manifest>, Source) {
+        self.save_tag(key, m).await;
+        tracing::warn!(registry = %key.registry, repo = %key.repo, tag = %key.tag, digest = %m.digest,
+            "the upstream no longer has this tag; serving the last good digest (cache.keep_deleted_tags)");
+        self.count("manifest", "kept_deleted");
+        (m.clone(), Source::Stale)
     }
 
     /// The tag's current digest according to the resolve-capable upstreams (`None` if the

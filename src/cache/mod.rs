@@ -8,6 +8,7 @@
 //! * `ring`: the bounded ring of recent frames a fetch shares with its readers.
 //! * `writer`: hashes and stages a fetch's bytes, one batch in flight.
 //! * `tail`: the reader that follows a fetch in progress.
+//! * `forget`: `ferry cache forget` (tags dropped on every replica).
 //! * `peer`: with a cluster, a fetch another replica owns, streamed from it (and the owner's
 //!   answer to such requests).
 //! * [`eviction`](Evictor), [`admin`], [`clock`](Clock).
@@ -39,6 +40,7 @@ mod clock;
 mod coalesce;
 mod eviction;
 mod fetch;
+mod forget;
 mod manifests;
 mod peer;
 mod ring;
@@ -50,6 +52,7 @@ mod writer;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use eviction::Evictor;
 pub use fetch::RingBounds;
+pub use forget::Forgotten;
 pub use ring::RingBudget;
 
 use coalesce::ManifestFlights;
@@ -61,6 +64,8 @@ pub struct Cache {
     storage: Arc<dyn Storage>,
     pools: HashMap<String, Arc<Pool>>,
     config: CacheConfig,
+    /// `cache.tag_policies`, compiled.
+    policies: Vec<(glob::Pattern, std::time::Duration)>,
     metrics: Arc<Metrics>,
     /// Judges tag freshness (`tag_ttl`) and staleness (`serve_stale`).
     clock: Arc<dyn Clock>,
@@ -128,10 +133,15 @@ impl Cache {
             .max_capacity(config.memory.as_u64())
             .weigher(|_, m: &Arc<Manifest>| u32::try_from(m.bytes.len() + 256).unwrap_or(u32::MAX))
             .build();
-        let tags = moka::future::Cache::builder().max_capacity(1_000_000).build();
-        Arc::new(Cache {
+        // Invalidation closures: `ferry cache forget` drops every tag of a repository.
+        let tags = moka::future::Cache::builder().max_capacity(1_000_000).support_invalidation_closures().build();
+        // Validated with the configuration; a glob that does not compile matches nothing.
+        let policies = config.compiled_policies().unwrap_or_default();
+        let invalidations = cluster.as_ref().map(|c| c.invalidations());
+        let cache = Arc::new(Cache {
             storage,
             pools,
+            policies,
             config,
             metrics,
             clock,
@@ -145,7 +155,11 @@ impl Cache {
             ring: bounds.ring,
             declared: moka::future::Cache::new(DECLARED_CAPACITY),
             cluster,
-        })
+        });
+        if let Some(rx) = invalidations {
+            forget::follow(&cache, rx);
+        }
+        cache
     }
 
     /// Whether local content for `digest` may be served on `route`: anything an upstream gave

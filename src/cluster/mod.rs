@@ -9,6 +9,7 @@
 //!   bytes of its fetch.
 //! * [`lru`]: the one recency order of cached blobs and the eviction lease, for a size cap
 //!   that holds for the whole bucket.
+//! * [`invalidate`]: invalidations (forgotten tags) that reach every replica at once.
 //! * [`uploads`]: upload sessions shared by the replicas (the record in Redis; the chunks are
 //!   in the bucket, see `hosted::shared_uploads`).
 //!
@@ -27,6 +28,7 @@ use sha2::{Digest as _, Sha256};
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 
+pub mod invalidate;
 pub mod lease;
 pub mod lru;
 pub mod peer;
@@ -52,6 +54,8 @@ pub enum ClusterError {
 /// This replica's membership in a cluster.
 pub struct Cluster {
     redis: ConnectionManager,
+    /// For the subscription to invalidations (a connection of its own).
+    client: redis::Client,
     /// How the other replicas reach this one.
     advertise: String,
     /// This process's nonce: its leases hold `<nonce>.<claim> <advertise>`, so a restarted
@@ -89,12 +93,13 @@ impl Cluster {
             .set_response_timeout(Some(config.redis_timeout))
             // Reconnecting is the probe's job: a command never waits for retries.
             .set_number_of_retries(0);
-        let redis = ConnectionManager::new_lazy_with_config(client, manager_config)
+        let redis = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(|e| ClusterError::Redis(format!("{:?}", e.kind())))?;
         let peers = peer::client(config.lease_ttl).map_err(|e| ClusterError::Redis(e.to_string()))?;
         let advertise = config.advertise.trim_end_matches('/').to_owned();
         let cluster = Arc::new(Cluster {
             redis,
+            client,
             me: uuid::Uuid::new_v4().simple().to_string(),
             held: Default::default(),
             claiming: tokio::sync::Mutex::new(()),

@@ -22,6 +22,10 @@ pub struct HostedConfig {
     pub delete: bool,
     /// Who may do what where. Empty: every htpasswd user may pull, push and delete everywhere.
     pub rules: Vec<AccessRule>,
+    /// htpasswd users who may use the admin endpoints (`ferry cache forget`). With an htpasswd
+    /// file and nobody named here, the admin endpoints refuse everyone; without an htpasswd
+    /// file they are open to whoever reaches the port (like `/metrics`).
+    pub admins: Vec<String>,
     /// Require htpasswd credentials for proxied namespaces too (gateways beyond a trusted network).
     pub proxied_requires_auth: bool,
     /// Upload sessions idle longer than this are purged with their data.
@@ -55,6 +59,7 @@ impl Default for HostedConfig {
             anonymous_pull: false,
             delete: false,
             rules: Vec::new(),
+            admins: Vec::new(),
             proxied_requires_auth: false,
             upload_max_age: Duration::from_secs(24 * 3600),
             challenge: ChallengeKind::Bearer,
@@ -109,6 +114,9 @@ impl HostedConfig {
         }
         if !self.namespaces.is_empty() && self.htpasswd.is_none() {
             return Err(ConfigError::new("hosted.htpasswd", "hosted namespaces need an htpasswd file (htpasswd -B)"));
+        }
+        if !self.admins.is_empty() && self.htpasswd.is_none() {
+            return Err(ConfigError::new("hosted.admins", "admin users need an htpasswd file"));
         }
         if self.proxied_requires_auth && self.htpasswd.is_none() {
             return Err(ConfigError::new("hosted.htpasswd", "proxied_requires_auth needs an htpasswd file"));

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod cache;
 mod cluster;
 mod hosted;
 mod limits;
@@ -22,11 +23,12 @@ mod log;
 mod storage;
 mod upstream;
 
+pub use cache::{CacheConfig, TagPolicy};
 pub use cluster::ClusterConfig;
 pub use hosted::{under, Access, AccessRule, ChallengeKind, HostedConfig};
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
-pub use storage::{CacheConfig, S3Config, StorageConfig};
+pub use storage::{S3Config, StorageConfig};
 pub use upstream::{Capability, RegistryConfig, UpstreamConfig};
 
 /// A configuration problem, with the key path it concerns.
@@ -205,6 +207,7 @@ impl Config {
         self.listen_addr()?;
         self.metrics_addr()?;
         self.storage.validate()?;
+        self.cache.validate()?;
         if self.registries.is_empty() {
             return Err(ConfigError::new("registries", "at least one registry is needed"));
         }

@@ -1,4 +1,4 @@
-//! `storage:` and `cache:` — where content lives and how long what it says is trusted.
+//! `storage:` — where content lives: a directory or an S3-compatible bucket.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -184,29 +184,5 @@ impl S3Config {
             return bad("redirect_expiry", "must be between 1m and 7d (S3's limit for presigned URLs)".to_owned());
         }
         Ok(())
-    }
-}
-
-/// `cache:` — the in-memory metadata tier and tag freshness.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CacheConfig {
-    /// How long a tag→digest answer is trusted before one `HEAD` revalidates it.
-    #[serde(with = "humantime_serde")]
-    pub tag_ttl: Duration,
-    /// How old a tag answer may be and still be served when no upstream answers.
-    #[serde(with = "humantime_serde")]
-    pub serve_stale: Duration,
-    /// Memory for cached manifest bodies (the fast tier; disk keeps the record).
-    pub memory: ByteSize,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        CacheConfig {
-            tag_ttl: Duration::from_secs(300),
-            serve_stale: Duration::from_secs(7 * 24 * 3600),
-            memory: ByteSize::mib(64),
-        }
     }
 }

@@ -84,6 +84,9 @@ async fn dispatch(app: &App, req: Request<Incoming>, client: SocketAddr) -> (&'s
         "/healthz" | "/readyz" | "/metrics" => return ("other", Ok((operations(app, path).await, None))),
         _ => {}
     }
+    if super::admin::is_admin_path(path) {
+        return ("other", super::admin::handle(app, &req, authn).await.map(|r| (r, None)));
+    }
     if let (CLUSTER_VIEW_PATH, Some(cluster), true) = (path, &app.cluster, read_only) {
         return ("other", Ok((cluster_view(cluster).await, None)));
     }
@@ -106,11 +109,11 @@ async fn dispatch(app: &App, req: Request<Incoming>, client: SocketAddr) -> (&'s
     (label, handled)
 }
 
-/// Who sent the request, for paths where credentials mean something (`/v2/...` and the token
-/// endpoint, with an htpasswd file); anonymous everywhere else.
+/// Who sent the request, for paths where credentials mean something (`/v2/...`, the token
+/// endpoint and the admin endpoints, with an htpasswd file); anonymous everywhere else.
 async fn authenticate(app: &App, req: &Request<()>, client: SocketAddr) -> Result<Identity, ProtocolError> {
     let path = req.uri().path();
-    match (&app.auth, path.starts_with("/v2") || path == TOKEN_PATH) {
+    match (&app.auth, path.starts_with("/v2") || path == TOKEN_PATH || super::admin::is_admin_path(path)) {
         (Some(auth), true) => auth.authenticate(req.headers(), client).await,
         _ => Ok(Identity::Anonymous),
     }
@@ -297,7 +300,7 @@ fn read_only_refusal(app: &App, name: &str, route: &Route, what: &str) -> Protoc
     )
 }
 
-fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+pub(super) fn query_param(query: Option<&str>, key: &str) -> Option<String> {
     form_urlencoded::parse(query?.as_bytes()).find(|(k, _)| k == key).map(|(_, v)| v.into_owned())
 }
 

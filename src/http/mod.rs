@@ -1,5 +1,5 @@
 //! The HTTP side: the listeners (`listener`), what each request path is answered with
-//! (`dispatch`, the token endpoint in `token`), the one place answers and errors become
+//! (`dispatch`, the token endpoint in `token`, the admin endpoints in [`admin`]), the one place answers and errors become
 //! responses ([`response`]), the access log, and TLS.
 //!
 //! Everything a request needs comes from an `Arc<App>` ([`crate::app`]); nothing here builds
@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 
 mod access_log;
+pub mod admin;
 mod dispatch;
 pub mod guard;
 mod listener;

@@ -101,6 +101,12 @@ pub fn tag_entry(registry: &str, repo: &RepoName, tag: &str, index: bool) -> Str
     format!("{TAGS_PREFIX}{registry}/{repo}/_tags/{tag}/{form}")
 }
 
+/// The prefix of every tag entry of `repo` on `registry` (and of no other repository's: the
+/// `_tags` component cannot be part of a repository name's path under it).
+pub fn repo_tags_prefix(registry: &str, repo: &RepoName) -> String {
+    format!("{TAGS_PREFIX}{registry}/{repo}/_tags/")
+}
+
 /// The ownership mark of `digest`.
 pub fn mark(digest: &Digest) -> String {
     format!("{MARKS_PREFIX}{}", digest.hex())

@@ -220,7 +220,7 @@ fn a_push_a_token_and_a_delete_on_one_replica_hold_on_every_other_and_a_forged_t
 }
 
 #[test]
-fn after_one_replica_resolved_a_tag_the_others_do_not_ask_the_upstream_within_the_ttl() {
+fn after_one_replica_resolved_a_tag_the_others_do_not_ask_the_upstream_within_the_ttl_until_it_is_forgotten() {
     let registry = Registry::start();
     let work = tmp_dir();
     let layout = work.path().join("layout");
@@ -236,6 +236,20 @@ fn after_one_replica_resolved_a_tag_the_others_do_not_ask_the_upstream_within_th
     }
     assert_eq!(registry.count_requests("GET", "/manifests/v1") - gets, 1, "one upstream GET of the tag");
     assert_eq!(registry.count_requests("HEAD", "/manifests/") - heads, 0, "no revalidation within the TTL");
+
+    // The tag moves upstream; forgetting it on one replica reaches every replica's memory.
+    let moved = build_image(&layout, "v2", &[100 << 10], 90);
+    push_layout(&layout, "v2", &format!("{}/library/app:v1", registry.host()), false).unwrap();
+    let forget = format!("{}/_ferry/forget?image=app:v1", cluster.replicas[0].url());
+    let reply = http_request("POST", &forget, &[]).unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.text().contains("\"every_replica\":true"), "{}", reply.text());
+    for (i, r) in cluster.replicas.iter().enumerate().rev() {
+        let out = cluster.dir(&format!("moved{i}"));
+        pull_to_dir(&format!("{}/library/app:v1", r.host()), &out).unwrap();
+        assert_image(&out, &moved);
+    }
+    assert_eq!(registry.count_requests("GET", "/manifests/v1") - gets, 2, "one more upstream GET, for the cluster");
 }
 
 #[test]

@@ -21,6 +21,7 @@ mod operations;
 mod pull_through;
 mod s3;
 mod soak;
+mod tags;
 mod upstream_auth;
 
 // The harness's own tests, against the real tools and without Ferry.

@@ -83,6 +83,10 @@ impl FakeUpstream {
         self.state.manifests.lock().unwrap().insert(reference.to_owned(), entry);
     }
 
+    fn delete_manifest(&self, reference: &str) {
+        self.state.manifests.lock().unwrap().remove(reference);
+    }
+
     fn put_blob(&self, digest: &Digest, len: Option<u64>) {
         self.state.blobs.lock().unwrap().insert(digest.to_string(), len);
     }
@@ -185,6 +189,11 @@ impl Harness {
 
     /// A harness whose cache fetches blobs of at most `max_blob_size` bytes.
     async fn start_with(max_blob_size: u64) -> Harness {
+        Harness::start_tuned(max_blob_size, |_| {}).await
+    }
+
+    /// A harness whose `cache:` section `tune` changed from the tests' defaults.
+    async fn start_tuned(max_blob_size: u64, tune: impl FnOnce(&mut CacheConfig)) -> Harness {
         let upstream = FakeUpstream::start().await;
         let dir = tempfile::tempdir().unwrap();
         let storage: Arc<dyn Storage> = Arc::new(FsStorage::open(dir.path()).unwrap());
@@ -194,11 +203,12 @@ impl Harness {
             hedge_delay: None,
         };
         let pool = Arc::new(Pool::new("docker.io", &registry, metrics.clone()).unwrap());
-        let config = CacheConfig {
+        let mut config = CacheConfig {
             tag_ttl: Duration::from_secs(TAG_TTL),
             serve_stale: Duration::from_secs(SERVE_STALE),
             ..Default::default()
         };
+        tune(&mut config);
         let clock = Arc::new(ManualClock::new(T0));
         let pools = HashMap::from([("docker.io".to_owned(), pool)]);
         let ring_budget = super::RingBudget::new(64 * RING);
