@@ -12,6 +12,7 @@ use crate::cluster::Cluster;
 use crate::config::{ChallengeKind, Config};
 use crate::hosted::Hosted;
 use crate::metrics::Metrics;
+use crate::pull_policy::PullPolicy;
 use crate::registry::Router;
 use crate::storage::{Metered, Storage};
 use crate::upstream::Pool;
@@ -20,6 +21,8 @@ use crate::upstream::Pool;
 pub struct App {
     /// Hosted namespaces and mirrored registries: who answers a name.
     pub router: Router,
+    /// What may be pulled through each mirrored registry.
+    pub pull_policy: PullPolicy,
     /// Proxied manifests and blobs.
     pub cache: Arc<Cache>,
     /// Every exported series.
@@ -140,6 +143,7 @@ impl App {
         let cache = Cache::new(storage.clone(), pools, config.cache.clone(), bounds, hosted.is_some(), services);
         Ok(Arc::new(App {
             router,
+            pull_policy: PullPolicy::new(&config.registries),
             cache,
             metrics,
             storage,

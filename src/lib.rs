@@ -2,7 +2,7 @@
 //!
 //! In short: `app` builds everything from the `config`; `http` listens and answers each
 //! request path; `registry` decides whether a name is hosted or which mirrored registry it
-//! means; `cache` serves manifests and blobs from `storage` or fetches them, once per digest,
+//! means, and `pull_policy` whether it may be pulled; `cache` serves manifests and blobs from `storage` or fetches them, once per digest,
 //! through `upstream`, and, with `cluster`, across replicas that share a bucket and a Redis. `distribution` and `config` are pure leaves; `metrics` names every
 //! exported series. `hosted` serves private namespaces that accept pushes, guarded by `auth`.
 
@@ -15,6 +15,7 @@ pub mod distribution;
 pub mod hosted;
 pub mod http;
 pub mod metrics;
+pub mod pull_policy;
 pub mod registry;
 pub mod storage;
 pub mod throttle;

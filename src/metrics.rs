@@ -35,6 +35,8 @@ pub struct Metrics {
     pub digest_mismatches: IntCounter,
     /// `ferry_upstream_invalid_manifests_total{upstream}`
     pub invalid_manifests: IntCounterVec,
+    /// `ferry_pulls_denied_total{registry}`: requests refused by a registry's allow/deny lists.
+    pub pulls_denied: IntCounterVec,
     /// `ferry_cache_write_errors_total`: blobs served uncached because the disk refused them.
     pub cache_write_errors: IntCounter,
     /// `ferry_storage_errors_total{op}`: store operations that failed (see `storage::metered`).
@@ -185,6 +187,12 @@ impl Metrics {
                 "ferry_upstream_invalid_manifests_total",
                 "Manifests an upstream answered that were not JSON or contradicted their Content-Type (never cached).",
                 &["upstream"],
+            )?,
+            pulls_denied: counter_vec(
+                &r,
+                "ferry_pulls_denied_total",
+                "Requests for repositories a registry's allow/deny lists refuse (by configured registry).",
+                &["registry"],
             )?,
             storage_errors: counter_vec(
                 &r,

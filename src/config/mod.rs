@@ -29,7 +29,7 @@ pub use hosted::{under, Access, AccessRule, ChallengeKind, HostedConfig};
 pub use limits::LimitsConfig;
 pub use log::{LogConfig, LogFormat};
 pub use storage::{S3Config, StorageConfig};
-pub use upstream::{Capability, RegistryConfig, UpstreamConfig};
+pub use upstream::{Capability, NamedGlobs, RegistryConfig, UpstreamConfig};
 
 /// A configuration problem, with the key path it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +108,7 @@ impl Default for Config {
                     url: "https://registry-1.docker.io".to_owned(),
                     ..UpstreamConfig::default()
                 }],
-                hedge_delay: None,
+                ..RegistryConfig::default()
             },
         );
         Config {

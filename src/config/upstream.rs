@@ -18,6 +18,11 @@ pub struct RegistryConfig {
     /// Absent: strictly one upstream at a time.
     #[serde(with = "humantime_serde")]
     pub hedge_delay: Option<Duration>,
+    /// Repositories that may be pulled through this registry (globs on the repository as the
+    /// upstream knows it: `library/*`); empty: every repository.
+    pub allow: Vec<String>,
+    /// Repositories that may not be, whatever `allow` says (`*/cryptominer*`).
+    pub deny: Vec<String>,
 }
 
 /// What an upstream may be asked for, as in containerd's `hosts.toml`.
@@ -189,6 +194,27 @@ impl UpstreamConfig {
 }
 
 impl RegistryConfig {
+    /// `allow` and `deny`, compiled: each glob with its key (`allow[0]`), for the refusal
+    /// message. Fails on a malformed glob, naming its key (under `registries.<name>` once
+    /// [`Self::validate`] adds the prefix).
+    pub fn repository_globs(&self) -> Result<NamedGlobs, ConfigError> {
+        let compile = |list: &str, globs: &[String]| -> Result<Vec<(String, glob::Pattern)>, ConfigError> {
+            globs
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    let key = format!("{list}[{i}]");
+                    match glob::Pattern::new(g) {
+                        Ok(p) if !g.is_empty() => Ok((format!("{key} = {g}"), p)),
+                        Ok(_) => Err(ConfigError::new(key, "must not be empty")),
+                        Err(e) => Err(ConfigError::new(key, format!("{g:?} is not a glob: {} at {}", e.msg, e.pos))),
+                    }
+                })
+                .collect()
+        };
+        Ok(NamedGlobs { allow: compile("allow", &self.allow)?, deny: compile("deny", &self.deny)? })
+    }
+
     /// Checks the registry named `name` (a key of `registries:`) and its upstreams.
     pub(super) fn validate(&self, name: &str) -> Result<(), ConfigError> {
         let at = format!("registries.{name}");
@@ -201,6 +227,7 @@ impl RegistryConfig {
         if self.upstreams.is_empty() {
             return Err(ConfigError::new(format!("{at}.upstreams"), "at least one upstream is needed"));
         }
+        self.repository_globs().map_err(|e| ConfigError::new(format!("{at}.{}", e.path), e.message))?;
         let mut names = std::collections::BTreeSet::new();
         for (i, up) in self.upstreams.iter().enumerate() {
             up.validate(&format!("{at}.upstreams[{i}]"))?;
@@ -216,6 +243,15 @@ impl RegistryConfig {
         }
         Ok(())
     }
+}
+
+/// A registry's `allow` and `deny` globs, each named by its key and pattern.
+#[derive(Debug, Default)]
+pub struct NamedGlobs {
+    /// `allow[i] = pattern` and the compiled glob.
+    pub allow: Vec<(String, glob::Pattern)>,
+    /// `deny[i] = pattern` and the compiled glob.
+    pub deny: Vec<(String, glob::Pattern)>,
 }
 
 fn redact<S: serde::Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {

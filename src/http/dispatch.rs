@@ -239,6 +239,10 @@ async fn proxied(
         auth.check_proxied(&who)?;
     }
     let route = route?;
+    if let Err(denied) = app.pull_policy.check(&route) {
+        app.metrics.pulls_denied.with_label_values(&[&route.registry]).inc();
+        return Err(denied);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Err(read_only_refusal(app, api.name, &route, "pushes and deletes are"));
     }

@@ -303,3 +303,48 @@ fn check_config_names_the_key_path_and_version_prints() {
     let out = std::process::Command::new(ferry_bin()).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ferry "), "{out:?}");
 }
+
+#[test]
+fn denied_repositories_are_refused_before_any_upstream_request_and_allowed_ones_pull() {
+    let upstream = Registry::start();
+    let work = tmp_dir();
+    let layout = work.path().join("layout");
+    let image = build_image(&layout, "v1", &[1024], 71);
+    for repo in ["library/app", "library/cryptominer-x", "someone/app"] {
+        push_layout(&layout, "v1", &format!("{}/{repo}:v1", upstream.host()), false).unwrap();
+    }
+    let config = FerryConfig::new(work.path().join("data"))
+        .registry("docker.io", [harness::upstream(upstream.url())])
+        .registry_opt("docker.io", "allow", ["library/*"])
+        .registry_opt("docker.io", "deny", ["*/cryptominer*"]);
+    let ferry = Ferry::start(&config.yaml());
+
+    let out = work.path().join("pulled");
+    pull_to_dir(&format!("{}/library/app:v1", ferry.host()), &out).unwrap();
+    assert_pulled(&out, &layout, "manifest.json", &image);
+    let before = upstream.requests().len();
+    for (name, why) in [
+        ("cryptominer-x", "denied by registries.docker.io.deny[0] = */cryptominer*"),
+        ("someone/app", "not in registries.docker.io.allow"),
+    ] {
+        for what in ["manifests/v1".to_owned(), format!("blobs/{}", image.layers[0].0)] {
+            let r = http_request("GET", &format!("{}/v2/{name}/{what}", ferry.url()), &[]).unwrap();
+            assert_eq!((r.status, error_code(&r).as_str()), (403, "DENIED"), "{name}/{what}");
+            assert!(r.text().contains(why), "{}", r.text());
+        }
+        assert!(pull_to_dir(&format!("{}/{name}:v1", ferry.host()), work.path().join("no")).is_err());
+    }
+    assert_eq!(upstream.requests().len(), before, "a denied repository reached the upstream");
+    assert!(metric(&scrape(&ferry), "ferry_pulls_denied_total{registry=\"docker.io\"}") >= 4.0);
+
+    let bad = work.path().join("bad.yml");
+    let text = format!(
+        "{}    deny: [\"[a-\"]\n",
+        "registries:\n  docker.io:\n    upstreams: [{url: \"https://r.example\"}]\n"
+    );
+    fs::write(&bad, text).unwrap();
+    let out = std::process::Command::new(ferry_bin()).args(["check-config", "--config"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("registries.docker.io.deny[0]") && err.contains("not a glob"), "{err}");
+}

@@ -200,7 +200,7 @@ impl Harness {
         let metrics = Arc::new(Metrics::new().unwrap());
         let registry = RegistryConfig {
             upstreams: vec![UpstreamConfig { url: upstream.url.clone(), ..Default::default() }],
-            hedge_delay: None,
+            ..RegistryConfig::default()
         };
         let pool = Arc::new(Pool::new("docker.io", &registry, metrics.clone()).unwrap());
         let mut config = CacheConfig {
