@@ -28,6 +28,11 @@
 //!   once, one `GET /v2/<repo>/blobs/<digest>` per connection, through a fresh Ferry, a fresh
 //!   Distribution proxy and straight from the upstream: aggregate MB/s, each as a multiple of
 //!   direct.
+//! * 8 (`e2e/cluster.rs`): a cold 256 MiB blob through 3 Ferry replicas on one s3s-fs bucket and
+//!   one redis-server (`cluster:`), 32 concurrent curl clients spread round-robin over them,
+//!   each hashing what it gets: upstream GETs of the blob (must be 1), wall time as a multiple
+//!   of one client through one replica alone, and the replicas' CPU per GiB delivered, summed.
+//!   Every measurement starts a fresh bucket, Redis and replicas.
 //!
 //! Every scenario that moves blob bytes (all but 4) also has a CPU row: user+sys seconds (from
 //! `/proc/PID/stat`, from the transfer's start until the server and the upstream are idle again,
@@ -35,7 +40,9 @@
 //! server the clients talked to, per GiB the clients received. For direct that server is the
 //! upstream; a proxy's cell adds the upstream's CPU over the same transfer, so what the proxy
 //! itself costs shows next to direct. Scenario 2 is warm, so there it is the proxy (or nginx)
-//! alone. The shaped link's relay runs inside this process and is not counted.
+//! alone. Scenario 8 sums the three replicas (the servers its clients talked to) and shows
+//! s3s-fs and the upstream beside them. The shaped link's relay runs inside this process and
+//! is not counted.
 //!
 //! Peers and Ferry run alternately (the order rotates every round) and the table shows medians;
 //! ratios are medians of per-round ratios, which cancels most of a shared machine's drift.
@@ -53,6 +60,8 @@
 //! and only processes this bench spawned are ever signalled, through their own `Child` handle
 //! (or the PID of a child not yet reaped).
 
+#[path = "e2e/cluster.rs"]
+mod cluster;
 #[path = "../tests/e2e/harness/mod.rs"]
 mod harness;
 #[path = "e2e/s3.rs"]
@@ -293,14 +302,22 @@ impl std::fmt::Display for CpuUse {
     }
 }
 
-/// The CPU seconds of both processes once neither used more than 5 ms in 100 ms (at most 10 s
-/// of waiting: a busy background task then still shows as the figure so far).
+/// The CPU seconds of both processes once neither used more than 5 ms in 100 ms (see
+/// [`settled_all`]).
 fn settled(a: u32, b: u32) -> (f64, f64) {
-    let mut last = (cpu_seconds(a), cpu_seconds(b));
+    let v = settled_all(&[a, b]);
+    (v[0], v[1])
+}
+
+/// The CPU seconds of every process in `pids` once none used more than 5 ms in 100 ms (at most
+/// 10 s of waiting: a busy background task then still shows as the figure so far).
+fn settled_all(pids: &[u32]) -> Vec<f64> {
+    let sample = || pids.iter().map(|&p| cpu_seconds(p)).collect::<Vec<f64>>();
+    let mut last = sample();
     for _ in 0..100 {
         thread::sleep(Duration::from_millis(100));
-        let now = (cpu_seconds(a), cpu_seconds(b));
-        let quiet = now.0 - last.0 < 0.005 && now.1 - last.1 < 0.005;
+        let now = sample();
+        let quiet = now.iter().zip(&last).all(|(n, l)| n - l < 0.005);
         last = now;
         if quiet {
             break;
@@ -595,20 +612,20 @@ fn herd(base: &str, img: &BenchImage, clients: usize) -> f64 {
     })
 }
 
-/// Upstream `GET /v2/<repo>/blobs/<digest>` requests per blob of `img`, and the body bytes they
-/// sent (Distribution re-opens a remote blob when it seeks, so GETs alone overstate traffic).
+/// Upstream `GET /v2/<repo>/blobs/<digest>` requests per blob of `blobs` (an image's
+/// [`BenchImage::blobs`], or fewer), and the body bytes they sent (Distribution re-opens a remote blob when it seeks, so GETs alone overstate traffic).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 struct Fetches {
     gets: usize,
     bytes: u64,
 }
 
-fn upstream_gets(upstream: &Registry, img: &BenchImage) -> Vec<Fetches> {
-    gets_in(&upstream.requests(), img)
+fn upstream_gets(upstream: &Registry, blobs: &[(String, u64)]) -> Vec<Fetches> {
+    gets_in(&upstream.requests(), blobs)
 }
 
-fn gets_in(reqs: &[AccessLogEntry], img: &BenchImage) -> Vec<Fetches> {
-    img.blobs()
+fn gets_in(reqs: &[AccessLogEntry], blobs: &[(String, u64)]) -> Vec<Fetches> {
+    blobs
         .iter()
         .map(|(d, _)| {
             let suffix = format!("/blobs/{d}");
@@ -625,18 +642,18 @@ const LOG_QUIET: Duration = Duration::from_millis(500);
 /// Upper bound for the upstream's log to settle.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Upstream fetches per blob of `img` since `before`, once they have settled. The proxy that
+/// Upstream fetches per blob of `blobs` since `before`, once they have settled. The proxy that
 /// made them has been stopped by then, so what it left in flight ends soon: the upstream logs
 /// each request when it finishes it or loses its client. Settled means: every blob has at least
 /// one new GET in the log (each proxy started cold, so it fetched each blob at least once), and
 /// the log has not grown for [`LOG_QUIET`] since. Polled, bounded by [`SETTLE_TIMEOUT`].
-fn settled_gets(upstream: &Registry, img: &BenchImage, before: &[Fetches]) -> Vec<Fetches> {
+fn settled_gets(upstream: &Registry, blobs: &[(String, u64)], before: &[Fetches]) -> Vec<Fetches> {
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     // (log entries, since when the log has had that many)
     let mut unchanged: Option<(usize, Instant)> = None;
     loop {
         let reqs = upstream.requests();
-        let now = gets_in(&reqs, img);
+        let now = gets_in(&reqs, blobs);
         let since: Vec<Fetches> =
             now.iter().zip(before).map(|(a, b)| Fetches { gets: a.gets - b.gets, bytes: a.bytes - b.bytes }).collect();
         let all_fetched = since.iter().all(|f| f.gets > 0);
@@ -1062,9 +1079,9 @@ fn thundering_herd(
                 let s = start();
                 timed_pull(&s.url, img)
             };
-            let before = upstream_gets(upstream, img);
+            let before = upstream_gets(upstream, &img.blobs());
             let (tn, used) = metered_herd(&start(), upstream, img, clients);
-            let per_blob = settled_gets(upstream, img, &before);
+            let per_blob = settled_gets(upstream, &img.blobs(), &before);
             progress(format!(
                 "{id} round {}/{rounds}: {:<12} 1 client {}, {clients} clients {}, upstream GETs per blob {:?}, {}, {used}",
                 round + 1,
@@ -1214,11 +1231,11 @@ fn peak_rss(upstream: &Registry, big: &BenchImage, clients: usize) -> Vec<Row> {
     let mut cpu: HashMap<&str, Vec<CpuUse>> = HashMap::new();
     for who in [Who::Ferry, Who::Dist] {
         let s = if who == Who::Ferry { start_ferry(&upstream.url()) } else { start_dist_proxy(&upstream.url()) };
-        let before = upstream_gets(upstream, big);
+        let before = upstream_gets(upstream, &big.blobs());
         let (t, used) = metered_herd(&s, upstream, big, clients);
         let kib = status_kib(s.proc.pid(), "VmHWM").unwrap_or(0);
         drop(s);
-        let per_blob = settled_gets(upstream, big, &before);
+        let per_blob = settled_gets(upstream, &big.blobs(), &before);
         progress(format!(
             "5: {:<12} {clients} clients in {}, VmHWM {:.1} MiB, upstream GETs per blob {:?}, {}, {used}",
             who.label(),
@@ -1375,6 +1392,9 @@ fn main() {
     for tool in ["docker-registry", "nginx", "wrk", "curl", "s3s-fs"] {
         require(tool);
     }
+    if plan.wants("8") {
+        require("redis-server");
+    }
     let bin = ferry_bin();
     assert!(bin.is_file(), "ferry binary not found at {} (set FERRY_BIN)", bin.display());
     progress(format!(
@@ -1394,9 +1414,11 @@ fn main() {
     let img_big = make_image(root, "bench/big", &[plan.big], 5);
     // 2 GiB to generate and push in a full run: only when scenario 6 runs.
     let img_parallel = plan.wants("6").then(|| make_image(root, "bench/parallel", &plan.parallel_layers, 6));
+    // A blob of its own, so that its upstream GETs are only scenario 8's.
+    let img_cluster = plan.wants("8").then(|| make_image(root, "bench/cluster", &[plan.loop_layer], 8));
     let images = [&img_loop, &img_shaped, &img_herd, &img_herd_shaped, &img_big];
     progress("images generated; pushing to the upstream");
-    for img in images.into_iter().chain(&img_parallel) {
+    for img in images.into_iter().chain(&img_parallel).chain(&img_cluster) {
         push_image(&upstream.url(), img).unwrap_or_else(|e| panic!("push {}: {e}", img.repo));
     }
     progress("images pushed");
@@ -1454,6 +1476,9 @@ fn main() {
     }
     if plan.wants("7") {
         rows.extend(s3::warm_from_s3(&upstream, &img_loop, plan.throughput_rounds));
+    }
+    if let Some(img) = &img_cluster {
+        rows.extend(cluster::cold_herd_over_replicas(&upstream, img, plan.clients, plan.herd_rounds));
     }
 
     let total = started.elapsed().as_secs_f64();

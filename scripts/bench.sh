@@ -8,8 +8,8 @@
 #
 # Installs the Debian packages the e2e bench drives when they are missing (as root, or through
 # sudo), builds Ferry in release and runs the bench against that binary. Environment passed
-# through: FERRY_BENCH_ONLY=1a,1b,2,3a,3b,4,5,6,7 (subset), FERRY_BENCH_QUICK=1 (smoke test),
-# CARGO_TARGET_DIR.
+# through: FERRY_BENCH_ONLY=1a,1b,2,3a,3b,4,5,6,7,8 (subset; 8 is the 3-replica cluster on
+# s3s-fs and redis-server), FERRY_BENCH_QUICK=1 (smoke test), CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +26,8 @@ if [[ $what != micro ]]; then
   # The shaped link is a relay inside the bench (no netem here), so no tc/iproute2 is needed.
   # shellcheck source=scripts/lib/packages.sh
   source scripts/lib/packages.sh
-  ensure_packages bench.sh docker-registry=docker-registry nginx=nginx wrk=wrk curl=curl getconf=libc-bin
+  ensure_packages bench.sh docker-registry=docker-registry nginx=nginx wrk=wrk curl=curl getconf=libc-bin \
+    redis-server=redis-server
   ensure_s3s_fs
   # Debian installs nginx with its service enabled; the bench starts its own nginx on a free
   # loopback port and never touches a system one.
